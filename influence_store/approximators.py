@@ -1,0 +1,40 @@
+"""The approximator interface: one required method, ``inverse_hvp``.
+
+An approximator receives the curvature of the training loss as a ``TrackedModel`` (``hvp``,
+``dense_hessian``, ``batch_stream``) and turns a batch of vectors [k, p] into approximations of
+``(H + ridge)^-1 v`` [k, p]. Everything else (gradients, scoring, storage) is composed on top.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from .gradients import TrackedModel
+from .options import NoOptions
+
+
+class Approximator:
+    """Base class for approximator plugins."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any, model: TrackedModel, seed: int = 0) -> None:
+        self.options = options
+        self.model = model
+        self.seed = seed
+        self.diagnostics: dict[str, Any] = {}
+
+    def prepare(self) -> None:
+        """One-time work before the first ``inverse_hvp`` (factorizations, scale estimates)."""
+
+    @property
+    def effective_damping(self) -> float:
+        """The ridge this approximator adds to H, recorded with the run."""
+        return 0.0
+
+    def inverse_hvp(self, vectors: Tensor) -> Tensor:
+        """Approximate ``(H + ridge)^-1 v`` for every row v of ``vectors`` [k, p]."""
+        raise NotImplementedError

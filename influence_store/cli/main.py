@@ -1,0 +1,57 @@
+"""The root click group; command modules attach themselves here, plugins through ``register_commands``."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import InfluenceStoreError
+
+
+class CLIGroup(click.Group):
+    """Turns every failure into one line on stderr and exit code 1 (set INFLUENCE_STORE_DEBUG=1 for tracebacks)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
+            raise
+        except InfluenceStoreError as exc:
+            raise click.ClickException(str(exc)) from None
+        except Exception as exc:
+            if os.environ.get("INFLUENCE_STORE_DEBUG"):
+                raise
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise click.ClickException(f"{type(exc).__name__}: {message} (set INFLUENCE_STORE_DEBUG=1 for details)") \
+                from None
+
+
+@click.group(cls=CLIGroup)
+@click.version_option(__version__, prog_name="influence-store")
+@click.option("--plugins-dir", type=click.Path(file_okay=False), multiple=True, envvar=None,
+              help="Load every *.py file in this folder as a plugin (repeatable).")
+def cli(plugins_dir):
+    """Find the training examples that hurt a model, record why, and track their removal."""
+    if plugins_dir:
+        from ..plugin_manager import load_plugins_dir
+
+        for directory in plugins_dir:
+            try:
+                load_plugins_dir(directory)
+            except InfluenceStoreError as exc:
+                raise click.ClickException(str(exc)) from None
+
+
+def main() -> None:
+    from . import commands  # noqa: F401  (attaches the built-in commands)
+    from ..plugin_manager import call_hook
+
+    try:
+        call_hook("register_commands", cli=cli)
+    except InfluenceStoreError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    cli(prog_name="influence-store")

@@ -1,0 +1,58 @@
+"""One way to print rows: a table by default, ``--json`` or ``--csv`` for scripts."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import sys
+from typing import Any, Iterable
+
+import click
+
+
+def output_options(command):
+    """Add ``--json`` and ``--csv`` to a command; it receives ``fmt`` ('table', 'json' or 'csv')."""
+
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @click.option("--csv", "as_csv", is_flag=True, help="Print CSV.")
+    @functools.wraps(command)
+    def wrapper(*args, as_json: bool, as_csv: bool, **kwargs):
+        if as_json and as_csv:
+            raise click.UsageError("choose one of --json and --csv")
+        return command(*args, fmt="json" if as_json else "csv" if as_csv else "table", **kwargs)
+
+    return wrapper
+
+
+def emit(rows: Any, fmt: str, columns: list[str] | None = None) -> None:
+    """Print a list of dicts (or one dict) in the chosen format."""
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    records = [rows] if isinstance(rows, dict) else list(rows)
+    columns = columns or (list(records[0]) if records else [])
+    if fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in records:
+            writer.writerow({c: _cell(row.get(c)) for c in columns})
+        return
+    click.echo(table(records, columns))
+
+
+def table(records: Iterable[dict], columns: list[str]) -> str:
+    """A plain aligned text table."""
+    rows = [[_cell(r.get(c)) for c in columns] for r in records]
+    widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(columns)]
+    line = lambda cells: "  ".join(cell.ljust(w) for cell, w in zip(cells, widths)).rstrip()  # noqa: E731
+    out = [line(columns), line(["-" * w for w in widths])] + [line(row) for row in rows]
+    return "\n".join(out) if rows else line(columns) + "\n(none)"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, default=str)
+    return "" if value is None else str(value)

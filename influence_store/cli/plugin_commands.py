@@ -1,0 +1,59 @@
+"""``plugins``, ``approximators``, ``policies``: what is registered, with options and help text."""
+
+from __future__ import annotations
+
+import click
+
+from ..options import describe_options
+from ..plugin_manager import plugin_summaries, registry
+from .main import cli
+from .output import emit, output_options
+
+
+@cli.command()
+@click.option("--all", "show_all", is_flag=True, help="Include the built-in plugins.")
+@output_options
+def plugins(show_all, fmt):
+    """List installed plugins: name, version, hooks.
+
+    Example: influence-store plugins --all --json
+    """
+    emit(plugin_summaries(include_builtins=show_all), fmt, ["name", "package", "version", "hooks"])
+
+
+def _implementations(hook: str, with_options: bool, fmt: str) -> None:
+    rows = []
+    for name, entry in sorted(registry(hook).items()):
+        row = {"name": name, "plugin": entry.plugin, "summary": entry.summary}
+        if with_options or fmt == "json":
+            row["options"] = [vars(info) for info in describe_options(entry.options_cls)]
+        rows.append(row)
+    if fmt == "table" and with_options:
+        for row in rows:
+            click.echo(f"{row['name']}  ({row['plugin']})\n  {row['summary']}")
+            for o in row["options"]:
+                click.echo(f"  -o {o['name']} ({o['type']}, default {o['default']!r}): {o['help']}")
+        return
+    emit(rows, fmt, ["name", "plugin", "summary"])
+
+
+@cli.command()
+@click.option("--options", "with_options", is_flag=True, help="Show each option with its default and help.")
+@output_options
+def approximators(with_options, fmt):
+    """List inverse-HVP approximators.
+
+    Example: influence-store approximators --options
+    """
+    _implementations("register_approximators", with_options, fmt)
+
+
+@cli.command()
+@click.option("--options", "with_options", is_flag=True, help="Show each option with its default and help.")
+@output_options
+def policies(with_options, fmt):
+    """List parameter-freezing policies.
+
+    Example: influence-store policies --options
+    """
+    _implementations("register_freezing_policies", with_options, fmt)

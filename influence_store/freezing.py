@@ -1,0 +1,42 @@
+"""The freezing-policy interface: choose the parameters influence is computed over, by name.
+
+A policy returns names; it never touches ``requires_grad`` or anything else on the user's model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from .errors import InfluenceStoreError
+from .options import NoOptions, parse_options
+
+
+class FreezingPolicy:
+    """Base class for freezing policy plugins."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    def tracked(self, model) -> list[str]:
+        """Names (from ``model.named_parameters()``) of the parameters to track."""
+        raise NotImplementedError
+
+
+def tracked_parameters(model, policy: str = "all", options: dict | None = None) -> list[str]:
+    """Apply a registered policy; an empty or unknown selection is an error."""
+    from .plugin_manager import lookup
+
+    entry = lookup("register_freezing_policies", policy)
+    names = list(entry.cls(parse_options(entry.options_cls, options, f"freezing policy {policy!r}")).tracked(model))
+    known = dict(model.named_parameters())
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InfluenceStoreError(f"freezing policy {policy!r} returned unknown parameter names {unknown[:3]}")
+    if not names:
+        raise InfluenceStoreError(
+            f"freezing policy {policy!r} leaves zero tracked parameters; loosen its options or use --freeze all")
+    order = {n: i for i, n in enumerate(known)}
+    return sorted(dict.fromkeys(names), key=order.__getitem__)

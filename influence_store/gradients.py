@@ -1,0 +1,210 @@
+"""Per-example gradients and Hessian-vector products over the tracked parameters.
+
+Parameters are handled as one flat vector of size ``p`` (in the order of the tracked names). The
+model itself is never mutated: a detached copy of the tracked parameters (and of every other parameter
+and buffer, moved to the compute device and dtype) is passed through ``torch.func.functional_call``.
+Per-example gradients use ``vmap(grad(...))`` over batches sized by a memory budget; HVPs use double
+backward with ``is_grads_batched`` so many vectors share one graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_map
+
+from .errors import InfluenceStoreError
+from .task import Task
+
+
+class _LossModule(torch.nn.Module):
+    """Wraps model + loss so functional_call reparametrizes the model inside the user's loss."""
+
+    def __init__(self, model: torch.nn.Module, loss) -> None:
+        super().__init__()
+        self.model = model
+        self._loss = loss
+
+    def forward(self, batch):
+        return self._loss(self.model, batch)
+
+
+class TrackedModel:
+    """The task's model seen as a function of the flat vector of tracked parameters."""
+
+    def __init__(self, task: Task, tracked: Sequence[str], device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None, memory_budget_mb: float = 256.0) -> None:
+        self.task = task
+        self.device = torch.device(device)
+        named = dict(task.model.named_parameters())
+        missing = [n for n in tracked if n not in named]
+        if missing:
+            raise InfluenceStoreError(f"tracked parameter(s) {missing[:3]} do not exist in the model")
+        if not tracked:
+            raise InfluenceStoreError("no parameters are tracked; choose a freezing policy that keeps some")
+        self.dtype = dtype or named[tracked[0]].dtype
+        self.names = list(tracked)
+        self.shapes = [named[n].shape for n in self.names]
+        self.sizes = [named[n].numel() for n in self.names]
+        self.num_params = sum(self.sizes)
+        self.l2 = float(task.l2)
+        self.memory_budget = int(memory_budget_mb * 2**20)
+        self._module = _LossModule(task.model, task.loss)
+        # Every other tensor of the model, moved and cast once: the model object stays untouched.
+        self._fixed = {f"model.{n}": self._cast(p.detach()) for n, p in task.model.named_parameters()
+                       if n not in set(self.names)}
+        self._fixed.update({f"model.{n}": self._cast(b) for n, b in task.model.named_buffers()})
+        self.flat = torch.cat([self._cast(named[n].detach()).reshape(-1) for n in self.names])
+        self.grad_strategy = "vmap"
+        self.notes: list[str] = []
+
+    # ---------- plumbing ----------
+    def _cast(self, t: Tensor) -> Tensor:
+        t = t.to(self.device)
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def _prepare(self, batch: Any) -> Any:
+        return tree_map(lambda t: self._cast(t) if isinstance(t, Tensor) else t, batch)
+
+    def _params(self, flat: Tensor) -> dict[str, Tensor]:
+        pieces = torch.split(flat, self.sizes)
+        params = {f"model.{n}": piece.view(shape) for n, piece, shape in zip(self.names, pieces, self.shapes)}
+        params.update(self._fixed)
+        return params
+
+    def _losses(self, flat: Tensor, batch: Any) -> Tensor:
+        return functional_call(self._module, self._params(flat), (batch,))
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Eval mode for the duration (dropout off), restoring the user's mode afterwards."""
+        was_training = self.task.model.training
+        self.task.model.eval()
+        try:
+            yield
+        finally:
+            self.task.model.train(was_training)
+
+    def chunk_size(self, per_item_floats: int, cap: int = 4096) -> int:
+        """How many items of ``per_item_floats`` floats fit the memory budget (with working room)."""
+        itemsize = torch.finfo(self.dtype).bits // 8
+        return max(1, min(cap, self.memory_budget // max(1, 4 * per_item_floats * itemsize)))
+
+    def batch(self, split: str, indices: Sequence[int]) -> Any:
+        return self._prepare(self.task.batch(split, indices))
+
+    # ---------- losses ----------
+    def losses(self, split: str, indices: Sequence[int] | None = None) -> Tensor:
+        """Per-example losses; checks their shape and names the first non-finite example."""
+        n = len(getattr(self.task, split))
+        indices = list(range(n)) if indices is None else list(indices)
+        out = []
+        step = self.chunk_size(self.num_params // 8 + 64)
+        with torch.no_grad(), self.eval_mode():
+            for start in range(0, len(indices), step):
+                idx = indices[start:start + step]
+                values = self._losses(self.flat, self.batch(split, idx))
+                if not isinstance(values, Tensor) or values.shape != (len(idx),):
+                    shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+                    raise InfluenceStoreError(
+                        f"task loss must return one value per example (shape [{len(idx)}]) but returned "
+                        f"{shape}; use reduction='none'")
+                out.append(values.detach().to(torch.float64))
+        losses = torch.cat(out)
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            key = self.task.keys(split)[indices[int(bad[0])]]
+            raise InfluenceStoreError(
+                f"loss is {losses[int(bad[0])].item()} for {split} example {key!r}; fix the example or the model")
+        return losses
+
+    # ---------- gradients ----------
+    def grad_chunks(self, split: str, indices: Sequence[int] | None = None) -> Iterator[tuple[list[int], Tensor]]:
+        """Yield (indices, per-example gradients [m, p]) in chunks that fit the memory budget."""
+        n = len(getattr(self.task, split))
+        indices = list(range(n)) if indices is None else list(indices)
+        step = self.chunk_size(self.num_params)
+        for start in range(0, len(indices), step):
+            idx = indices[start:start + step]
+            yield idx, self.per_example_grads(split, idx)
+
+    def per_example_grads(self, split: str, indices: Sequence[int]) -> Tensor:
+        """Gradients of each example's loss, shape [len(indices), p]; vmap, else a loop (recorded)."""
+        batch = self.batch(split, indices)
+        with self.eval_mode():
+            if self.grad_strategy == "vmap":
+                try:
+                    return self._vmap_grads(batch)
+                except Exception as exc:  # vmap cannot trace every model (e.g. .item(), in-place state)
+                    self.grad_strategy = "loop"
+                    self.notes.append(f"vmap per-example gradients unavailable ({type(exc).__name__}: "
+                                      f"{str(exc).splitlines()[0][:160]}); used a per-example loop")
+            return torch.stack([self._single_grad(self.batch(split, [i])) for i in indices])
+
+    def _vmap_grads(self, batch: Any) -> Tensor:
+        def loss_of_one(flat: Tensor, example: Any) -> Tensor:
+            one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
+            return self._losses(flat, one).sum()
+
+        in_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) and t.dim() > 0 else None, batch)
+        return vmap(grad(loss_of_one), in_dims=(None, in_dims))(self.flat, batch).detach()
+
+    def _single_grad(self, batch: Any) -> Tensor:
+        flat = self.flat.detach().requires_grad_(True)
+        loss = self._losses(flat, batch).sum()
+        (g,) = torch.autograd.grad(loss, flat, allow_unused=True)
+        return torch.zeros_like(flat) if g is None else g.detach()
+
+    # ---------- curvature ----------
+    def hvp(self, vectors: Tensor, indices: Sequence[int] | Tensor | None = None) -> Tensor:
+        """``(H_batch + l2 I) v`` for each row v of ``vectors`` [k, p]; H_batch is the mean-loss
+        Hessian over the training examples at ``indices`` (all of them when None)."""
+        vectors = vectors.to(self.device, self.dtype)
+        n = len(self.task.train)
+        indices = list(range(n)) if indices is None else [int(i) for i in indices]
+        step = self.chunk_size(self.num_params * (vectors.shape[0] + 2), cap=1024)
+        total = torch.zeros_like(vectors)
+        with self.eval_mode():
+            for start in range(0, len(indices), step):
+                idx = indices[start:start + step]
+                total += self._hvp_sum(vectors, self.batch("train", idx))
+        return total / len(indices) + self.l2 * vectors
+
+    def _hvp_sum(self, vectors: Tensor, batch: Any) -> Tensor:
+        flat = self.flat.detach().requires_grad_(True)
+        loss = self._losses(flat, batch).sum()
+        (g,) = torch.autograd.grad(loss, flat, create_graph=True, allow_unused=True)
+        if g is None or not g.requires_grad:  # loss linear in the tracked parameters
+            return torch.zeros_like(vectors)
+        try:
+            (hv,) = torch.autograd.grad(g, flat, grad_outputs=vectors, is_grads_batched=True,
+                                        retain_graph=True, allow_unused=True)
+        except RuntimeError:  # some ops have no batching rule: one vector at a time
+            hv = torch.stack([torch.autograd.grad(g, flat, grad_outputs=v, retain_graph=True,
+                                                  allow_unused=True)[0] for v in vectors])
+        return torch.zeros_like(vectors) if hv is None else hv.detach()
+
+    def dense_hessian(self) -> Tensor:
+        """The full training Hessian (with ``l2 I``) as a [p, p] float64 matrix."""
+        p = self.num_params
+        eye = torch.eye(p, device=self.device, dtype=self.dtype)
+        step = max(1, min(p, self.chunk_size(p * 4, cap=p)))
+        cols = [self.hvp(eye[s:s + step]) for s in range(0, p, step)]
+        h = torch.cat(cols).to(torch.float64)
+        return (h + h.T) / 2
+
+    def batch_stream(self, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+        """Endless shuffled epochs of training indices, like a shuffled DataLoader that cycles."""
+        n = len(self.task.train)
+        while True:
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, batch_size):
+                yield order[start:start + batch_size]
+
+    def num_batches(self, batch_size: int) -> int:
+        return math.ceil(len(self.task.train) / batch_size)

@@ -1,0 +1,223 @@
+"""The plugin manager: built-ins, entry points and plugin files, all registered the same way.
+
+Built-in plugins are ordinary modules listed by name below; third-party packages join through the
+``influence_store`` entry-point group; single files join through ``--plugins-dir`` or the
+``INFLUENCE_STORE_PLUGINS_DIR`` environment variable. Registries are built lazily, once, by calling
+each hook implementation with a ``register`` function owned by the host, so a duplicate name is an
+error that names both plugins. Set ``INFLUENCE_STORE_TRACE_HOOKS=1`` to see every hook call on stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pluggy
+
+from . import hookspecs
+from .errors import InfluenceStoreError
+from .options import NoOptions
+
+ENTRY_POINT_GROUP = "influence_store"
+
+BUILTIN_PLUGINS = (
+    "influence_store.plugins.lissa",
+    "influence_store.plugins.exact",
+    "influence_store.plugins.freezing",
+    "influence_store.plugins.python_tasks",
+)
+
+# hook name -> (kind shown in messages, registry attribute required on each registered class)
+REGISTRY_HOOKS = {
+    "register_approximators": "approximator",
+    "register_freezing_policies": "freezing policy",
+    "register_task_loaders": "task loader",
+    "register_proposal_rules": "proposal rule",
+}
+
+
+@dataclass(frozen=True)
+class Registered:
+    """One registered implementation and the plugin that provided it."""
+
+    name: str
+    cls: type
+    plugin: str
+
+    @property
+    def options_cls(self) -> type:
+        return getattr(self.cls, "Options", NoOptions)
+
+    @property
+    def summary(self) -> str:
+        return (self.cls.__doc__ or "").strip().splitlines()[0] if self.cls.__doc__ else ""
+
+
+_pm: pluggy.PluginManager | None = None
+_registries: dict[str, dict[str, Registered]] = {}
+_loaded_dirs: set[Path] = set()
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, loaded on first use."""
+    global _pm
+    if _pm is None:
+        pm = pluggy.PluginManager("influence_store")
+        pm.add_hookspecs(hookspecs)
+        for module_name in BUILTIN_PLUGINS:
+            _register(pm, importlib.import_module(module_name), module_name)
+        try:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        except pluggy.PluginValidationError as exc:
+            raise InfluenceStoreError(f"plugin {exc.plugin_name!r} is invalid: {exc}") from None
+        _pm = pm
+        for directory in os.environ.get("INFLUENCE_STORE_PLUGINS_DIR", "").split(os.pathsep):
+            if directory:
+                load_plugins_dir(directory)
+        _check_pending(pm)
+    return _pm
+
+
+def load_plugins_dir(directory: str | os.PathLike) -> list[str]:
+    """Register every ``*.py`` file in ``directory`` as a plugin; returns the plugin names."""
+    path = Path(directory).resolve()
+    if not path.is_dir():
+        raise InfluenceStoreError(f"plugins directory {str(directory)!r} does not exist; pass an existing folder")
+    pm = get_plugin_manager()
+    names = []
+    if path in _loaded_dirs:
+        return names
+    _loaded_dirs.add(path)
+    for file in sorted(path.glob("*.py")):
+        name = f"plugins_dir.{file.stem}"
+        if pm.get_plugin(name) is not None:
+            continue
+        spec = importlib.util.spec_from_file_location(name, file)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # a broken user file must name itself
+            raise InfluenceStoreError(f"plugin file {str(file)!r} failed to import: {exc}") from None
+        _register(pm, module, name)
+        names.append(name)
+    _check_pending(pm)
+    _registries.clear()
+    return names
+
+
+def register_plugin(plugin: Any, name: str | None = None) -> str:
+    """Register a plugin object (module or class with hook implementations); for tests and notebooks."""
+    pm = get_plugin_manager()
+    name = name or getattr(plugin, "__name__", None) or repr(plugin)
+    _register(pm, plugin, name)
+    _check_pending(pm)
+    _registries.clear()
+    return name
+
+
+def unregister_plugin(name: str) -> None:
+    """Remove a plugin registered by name."""
+    get_plugin_manager().unregister(name=name)
+    _registries.clear()
+
+
+def call_hook(hook_name: str, **kwargs: Any) -> None:
+    """Call every implementation of a hook, one plugin at a time, so errors can name the plugin."""
+    for impl in _implementations(hook_name):
+        impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+
+
+def _implementations(hook_name: str):
+    """Hook implementations in registration order (built-ins first), traced when asked."""
+    trace = os.environ.get("INFLUENCE_STORE_TRACE_HOOKS")
+    for impl in reversed(getattr(get_plugin_manager().hook, hook_name).get_hookimpls()):
+        if trace:
+            print(f"[influence_store] {hook_name} -> {impl.plugin_name}", file=sys.stderr)
+        yield impl
+
+
+def registry(hook_name: str) -> dict[str, Registered]:
+    """All implementations registered through one of the ``register_*`` hooks, by name."""
+    if hook_name in _registries:
+        return _registries[hook_name]
+    kind = REGISTRY_HOOKS[hook_name]
+    found: dict[str, Registered] = {}
+    for impl in _implementations(hook_name):
+        impl.function(register=_registrar(found, kind, impl.plugin_name))
+    _registries[hook_name] = found
+    return found
+
+
+def lookup(hook_name: str, name: str) -> Registered:
+    """One registered implementation, or an error that lists the available names."""
+    found = registry(hook_name)
+    if name not in found:
+        kind = REGISTRY_HOOKS[hook_name]
+        available = ", ".join(sorted(found)) or "none"
+        raise InfluenceStoreError(f"unknown {kind} {name!r}; available: {available}")
+    return found[name]
+
+
+def plugin_summaries(include_builtins: bool = True) -> list[dict[str, Any]]:
+    """Name, version and implemented hooks of every plugin, for ``influence-store plugins``."""
+    pm = get_plugin_manager()
+    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    rows = []
+    for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
+        builtin = name in BUILTIN_PLUGINS
+        if builtin and not include_builtins:
+            continue
+        dist = dists.get(id(plugin))
+        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+        rows.append({
+            "name": name,
+            "version": dist.version if dist else None,
+            "package": dist.project_name if dist else None,
+            "builtin": builtin,
+            "hooks": hooks,
+        })
+    return rows
+
+
+def _registrar(found: dict[str, Registered], kind: str, plugin_name: str) -> Callable[[type], type]:
+    def register(cls: type) -> type:
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name:
+            raise InfluenceStoreError(
+                f"plugin {plugin_name!r} registered a {kind} without a string 'name' attribute: {cls!r}")
+        options_cls = getattr(cls, "Options", NoOptions)
+        if not dataclasses.is_dataclass(options_cls):
+            raise InfluenceStoreError(
+                f"plugin {plugin_name!r}: {kind} {name!r} has an Options that is not a dataclass")
+        if name in found:
+            raise InfluenceStoreError(
+                f"plugin {plugin_name!r} registers {kind} {name!r}, which plugin {found[name].plugin!r} "
+                f"already registered; choose another name")
+        found[name] = Registered(name, cls, plugin_name)
+        return cls
+
+    return register
+
+
+def _register(pm: pluggy.PluginManager, plugin: Any, name: str) -> None:
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:
+        raise InfluenceStoreError(f"plugin {name!r} is invalid: {exc}") from None
+    except ValueError as exc:
+        raise InfluenceStoreError(f"plugin {name!r} could not be registered: {exc}") from None
+
+
+def _check_pending(pm: pluggy.PluginManager) -> None:
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise InfluenceStoreError(
+            f"plugin {exc.plugin_name!r} implements a hook that does not exist: {exc}; "
+            f"check the hook name against influence_store.hookspecs") from None

@@ -1,0 +1,151 @@
+"""The task contract: what a user hands influence-store, and how a task spec becomes one.
+
+A ``Task`` is a model, a per-example loss, training and test examples, and the L2 coefficient of the
+training objective ``mean_i loss_i + l2/2 * ||theta||^2``. Everything downstream reads only this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from .errors import InfluenceStoreError
+
+
+def default_collate(examples: list) -> Any:
+    """Stack examples into a batch the way a PyTorch DataLoader does."""
+    from torch.utils.data import default_collate as collate
+
+    return collate(examples)
+
+
+@dataclass
+class Task:
+    """A model, its per-example loss, and the data to compute influence on.
+
+    ``loss(model, batch)`` returns one loss per example (shape ``[batch_size]``); ``key(example)``
+    gives a stable string id (default: the position); ``l2`` enters the Hessian as ``l2 * I``;
+    ``fit(examples)`` (optional) retrains a model from scratch, which verification uses;
+    ``label`` and ``payload`` (optional) describe an example for display and export.
+    """
+
+    model: Any
+    loss: Callable[[Any, Any], Any]
+    train: Sequence
+    test: Sequence
+    l2: float = 0.0
+    collate: Callable[[list], Any] = default_collate
+    key: Callable[[Any], str] | None = None
+    fit: Callable[[Sequence], Any] | None = None
+    label: Callable[[Any], Any] | None = None
+    payload: Callable[[Any], Any] | None = None
+    name: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        import torch
+
+        if not isinstance(self.model, torch.nn.Module):
+            raise InfluenceStoreError(f"task model must be a torch.nn.Module, got {type(self.model).__name__}")
+        if not callable(self.loss):
+            raise InfluenceStoreError("task loss must be a callable loss(model, batch) -> per-example losses")
+        for split in ("train", "test"):
+            data = getattr(self, split)
+            if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
+                raise InfluenceStoreError(f"task {split} data must be a sequence (len and indexing)")
+            if len(data) == 0:
+                raise InfluenceStoreError(f"task {split} data is empty; give at least one {split} example")
+        if not (isinstance(self.l2, (int, float)) and math.isfinite(self.l2) and self.l2 >= 0):
+            raise InfluenceStoreError(f"task l2 must be a finite number >= 0, got {self.l2!r}")
+
+    def keys(self, split: str) -> list[str]:
+        """Stable string ids of the examples of one split; duplicates are an error."""
+        data = getattr(self, split)
+        keys = [str(i) for i in range(len(data))] if self.key is None else [str(self.key(e)) for e in data]
+        if len(set(keys)) != len(keys):
+            seen, dup = set(), None
+            for k in keys:
+                if k in seen:
+                    dup = k
+                    break
+                seen.add(k)
+            raise InfluenceStoreError(f"task {split} keys are not unique (e.g. {dup!r}); make key(example) unique")
+        return keys
+
+    def batch(self, split: str, indices: Sequence[int]) -> Any:
+        """Collate the examples at ``indices`` of one split into a batch."""
+        data = getattr(self, split)
+        tensors = getattr(data, "tensors", None)  # TensorDataset: slice instead of collating one by one
+        if tensors is not None:
+            import torch
+
+            index = torch.as_tensor(list(indices), dtype=torch.long)
+            return tuple(t[index] for t in tensors)
+        return self.collate([data[i] for i in indices])
+
+    def describe(self, example: Any) -> Any:
+        """JSON-ready description of one example (its payload), used for display and export."""
+        return to_jsonable(self.payload(example) if self.payload else example)
+
+    def label_of(self, example: Any) -> Any:
+        """The example's label for display, or None when the task does not say."""
+        if self.label is not None:
+            return to_jsonable(self.label(example))
+        if isinstance(example, (tuple, list)) and len(example) == 2:
+            return to_jsonable(example[1])
+        if isinstance(example, dict) and "label" in example:
+            return to_jsonable(example["label"])
+        return None
+
+
+def to_jsonable(value: Any) -> Any:
+    """Tensors and arrays become lists so an example can be stored and exported as JSON."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def content_hash(description: Any) -> str:
+    """sha256 of an example's canonical JSON description: the same content gives the same hash."""
+    text = json.dumps(description, sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class TaskLoader:
+    """Base for task loader plugins: ``load(target)`` returns a Task for the spec part after the prefix."""
+
+    name: str = ""
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    def load(self, target: str) -> Task:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def load_task(spec: str, options: dict | None = None) -> Task:
+    """Resolve ``LOADER:TARGET`` through a registered loader, else treat the spec as Python."""
+    from .options import parse_options
+    from .plugin_manager import lookup, registry
+
+    loaders = registry("register_task_loaders")
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in loaders and prefix != "python":
+        entry, target = loaders[prefix], rest
+    else:
+        entry, target = lookup("register_task_loaders", "python"), spec
+    loader = entry.cls(parse_options(entry.options_cls, options, f"task loader {entry.name!r}"))
+    task = loader.load(target)
+    if not isinstance(task, Task):
+        raise InfluenceStoreError(
+            f"task spec {spec!r} returned {type(task).__name__}, not influence_store.Task; return a Task")
+    return task

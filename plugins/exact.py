@@ -1,0 +1,69 @@
+"""``exact``: solve with the full Hessian, for models with up to a few thousand tracked parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from influence_store.approximators import Approximator
+from influence_store.errors import InfluenceStoreError
+from influence_store.hookspecs import hookimpl
+from influence_store.options import option
+
+
+class Exact(Approximator):
+    """Exact inverse-HVP: dense Hessian in float64 + damping*I, Cholesky solve (eigh fallback).
+
+    ``H = (1/n) sum_i d2 loss_i + l2 I`` over the tracked parameters; the solve is
+    ``(H + damping I)^-1 v``. When ``H + damping I`` is not positive definite (non-convex models),
+    the eigendecomposition is used and eigenvalues below ``1e-10 * max|lambda|`` in magnitude are
+    dropped (a pseudo-inverse); the min/max eigenvalues are reported either way.
+    """
+
+    name = "exact"
+
+    @dataclass
+    class Options:
+        damping: float = option(0.0, "ridge added to the Hessian (a true ridge, not scaled)")
+        max_params: int = option(5000, "refuse above this many tracked parameters (the Hessian is p x p)")
+
+        def __post_init__(self) -> None:
+            if self.damping < 0:
+                raise ValueError("damping must be >= 0")
+            if self.max_params < 1:
+                raise ValueError("max_params must be >= 1")
+
+    @property
+    def effective_damping(self) -> float:
+        return self.options.damping
+
+    def prepare(self) -> None:
+        p = self.model.num_params
+        if p > self.options.max_params:
+            raise InfluenceStoreError(
+                f"exact needs a {p}x{p} Hessian, above max_params={self.options.max_params}; use -a lissa, "
+                f"or track fewer parameters with --freeze last-layer / regex / modules")
+        h = self.model.dense_hessian()
+        h = h + self.options.damping * torch.eye(p, dtype=h.dtype, device=h.device)
+        eigenvalues, eigenvectors = torch.linalg.eigh(h)
+        self.diagnostics.update(min_eigenvalue=float(eigenvalues[0]), max_eigenvalue=float(eigenvalues[-1]))
+        factor, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            self.diagnostics["solver"] = "cholesky"
+            self._solve = lambda b: torch.cholesky_solve(b, factor)
+        else:
+            self.diagnostics["solver"] = "eigh-pseudo-inverse"
+            keep = eigenvalues.abs() > 1e-10 * eigenvalues.abs().max()
+            self.diagnostics["dropped_eigenvalues"] = int((~keep).sum())
+            inv = torch.where(keep, 1.0 / eigenvalues, torch.zeros_like(eigenvalues))
+            self._solve = lambda b: eigenvectors @ (inv[:, None] * (eigenvectors.T @ b))
+
+    def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        b = vectors.to(torch.float64).T
+        return self._solve(b).T
+
+
+@hookimpl
+def register_approximators(register):
+    register(Exact)

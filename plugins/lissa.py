@@ -1,0 +1,166 @@
+"""``lissa``: AllenNLP SimpleInfluence's stochastic inverse-HVP, vectorized over many vectors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from influence_store.approximators import Approximator
+from influence_store.errors import InfluenceStoreError
+from influence_store.hookspecs import hookimpl
+from influence_store.options import option
+
+DEFAULT_DEPTH_FRACTION = 0.25
+
+
+class LiSSA(Approximator):
+    """LiSSA (Agarwal et al. 2017) with AllenNLP's parameters and defaults.
+
+    Starting from ``h_0 = v``, each step draws a training batch B and sets
+    ``h_j = v + (1 - damping) h_{j-1} - H_B h_{j-1} / scale``; the estimate is ``h_J / scale``,
+    averaged over ``num_samples`` runs. Its fixed point is ``(H + damping * scale * I)^-1 v``, so the
+    effective ridge is ``damping * scale`` (30 with the defaults: at the default depth the result is
+    close to a scaled gradient, as in AllenNLP). ``scale`` must exceed the largest Hessian eigenvalue.
+
+    ``scale="auto"`` estimates that eigenvalue by power iteration and sets ``scale = scale_margin *
+    lambda_max``; unless a depth is given it then iterates until the mean of successive windows of
+    iterates changes by less than ``tol`` (relative), returning that window mean, so with
+    ``damping=0`` it converges to ``H^-1 v``. The batch sequence comes from a generator seeded with
+    the run's seed and restarted for every call, so a vector's estimate does not depend on which other
+    vectors share the call or in which order test points are processed.
+    """
+
+    name = "lissa"
+
+    @dataclass
+    class Options:
+        batch_size: int = option(8, "training examples per Hessian-vector product (AllenNLP lissa_batch_size)")
+        damping: float = option(3e-3, "damping of the recursion; the effective ridge is damping * scale")
+        num_samples: int = option(1, "independent recursions averaged together")
+        scale: float | str = option(1e4, "divides the Hessian; must exceed its top eigenvalue, or 'auto'")
+        depth_fraction: float | None = option(
+            None, "steps = max(1, ceil(fraction * ceil(n / batch_size))); 0.25 unless scale=auto")
+        depth_iters: int | None = option(None, "steps as an absolute number (overrides depth_fraction)")
+        tol: float = option(1e-2, "scale=auto without depth: stop when successive window means change less than this")
+        max_iters: int = option(20000, "scale=auto without depth: the most steps per sample")
+        scale_margin: float = option(1.5, "scale=auto: scale = margin * estimated top eigenvalue")
+
+        def __post_init__(self) -> None:
+            if isinstance(self.scale, str) and self.scale != "auto":
+                raise ValueError(f"scale must be a positive number or 'auto', got {self.scale!r}")
+            if not isinstance(self.scale, str) and not self.scale > 0:
+                raise ValueError("scale must be > 0")
+            if self.batch_size < 1 or self.num_samples < 1:
+                raise ValueError("batch_size and num_samples must be >= 1")
+            if not 0 <= self.damping < 1:
+                raise ValueError("damping must be in [0, 1)")
+            if self.depth_fraction is not None and not self.depth_fraction > 0:
+                raise ValueError("depth_fraction must be > 0")
+            if self.depth_iters is not None and self.depth_iters < 1:
+                raise ValueError("depth_iters must be >= 1")
+            if self.depth_iters is not None and self.depth_fraction is not None:
+                raise ValueError("give depth_fraction or depth_iters, not both")
+            if self.scale_margin <= 1:
+                raise ValueError("scale_margin must be > 1")
+
+    def prepare(self) -> None:
+        o = self.options
+        if o.scale == "auto":
+            top = self._top_eigenvalue()
+            self.scale = o.scale_margin * top
+            self.diagnostics["top_eigenvalue"] = top
+        else:
+            self.scale = float(o.scale)
+        self.steps = self._steps()
+        self.diagnostics.update(scale=self.scale, steps=self.steps or "until converged",
+                                effective_damping=self.effective_damping)
+
+    @property
+    def effective_damping(self) -> float:
+        scale = getattr(self, "scale", self.options.scale)
+        return self.options.damping * scale if not isinstance(scale, str) else float("nan")
+
+    def _steps(self) -> int | None:
+        o = self.options
+        if o.depth_iters is not None:
+            return o.depth_iters
+        if o.depth_fraction is None and o.scale == "auto":
+            return None
+        fraction = DEFAULT_DEPTH_FRACTION if o.depth_fraction is None else o.depth_fraction
+        return max(1, math.ceil(fraction * self.model.num_batches(o.batch_size)))
+
+    def _top_eigenvalue(self, iterations: int = 50) -> float:
+        """Power iteration on the full training Hessian; stops once the estimate settles."""
+        generator = torch.Generator().manual_seed(self.seed)
+        v = torch.randn(1, self.model.num_params, generator=generator, dtype=torch.float64)
+        v = (v / v.norm()).to(self.model.dtype)
+        estimate = 0.0
+        for _ in range(iterations):
+            hv = self.model.hvp(v)
+            new = float((hv * v).sum())
+            v = hv / hv.norm().clamp_min(1e-30)
+            if abs(new - estimate) <= 1e-4 * abs(new):
+                estimate = new
+                break
+            estimate = new
+        if not estimate > 0:
+            raise InfluenceStoreError(
+                "scale=auto found no positive Hessian eigenvalue; the loss may be flat or non-convex here: "
+                "give -o scale NUMBER")
+        return abs(estimate)
+
+    def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        o = self.options
+        v = vectors.to(self.model.device, self.model.dtype)
+        stream = self.model.batch_stream(o.batch_size, torch.Generator().manual_seed(self.seed))
+        total = torch.zeros_like(v)
+        for _ in range(o.num_samples):
+            total += self._recursion(v, stream) / self.scale
+        return total / o.num_samples
+
+    def _recursion(self, v: torch.Tensor, stream) -> torch.Tensor:
+        o = self.options
+        v_norm = v.norm(dim=1).clamp_min(1e-30)
+        h = v.clone()
+        trace = self.diagnostics.setdefault("norm_trace", [])
+        converge = self.steps is None
+        window = max(10, self.model.num_batches(o.batch_size))
+        limit = o.max_iters if converge else self.steps
+        window_sum, window_len, previous_mean = torch.zeros_like(h), 0, None
+        for step in range(1, limit + 1):
+            h = v + (1 - o.damping) * h - self.model.hvp(h, next(stream)) / self.scale
+            norms = h.norm(dim=1)
+            if not torch.isfinite(norms).all() or (norms > 10 * (step + 1) * v_norm).any():
+                raise InfluenceStoreError(
+                    f"LiSSA diverged at step {step} (estimate norm {float(norms.max()):.3g}); the Hessian's top "
+                    f"eigenvalue exceeds scale={self.scale:g}: use a larger scale (e.g. -o scale "
+                    f"{10 * self.scale:g}) or -o scale auto")
+            if len(trace) < 1000 and (step <= 10 or step % max(1, limit // 100) == 0):
+                trace.append([step, float((norms / v_norm).mean()) / self.scale])
+            if converge:
+                # Mean of consecutive windows of iterates; the window doubles each time the mean still
+                # moves, which averages out the batch noise once the bias has decayed.
+                window_sum += h
+                window_len += 1
+                if window_len == window:
+                    mean = window_sum / window
+                    if previous_mean is not None:
+                        change = float((mean - previous_mean).norm() / mean.norm().clamp_min(1e-30))
+                        self.diagnostics.setdefault("window_changes", []).append([step, change])
+                        if change < o.tol:
+                            self.diagnostics.update(converged=True, steps_run=step, final_change=change)
+                            return mean
+                        window *= 2
+                    previous_mean, window_sum, window_len = mean, torch.zeros_like(h), 0
+        if converge:
+            self.diagnostics.update(converged=False, steps_run=limit)
+            return previous_mean if previous_mean is not None else h
+        self.diagnostics["steps_run"] = self.steps
+        return h
+
+
+@hookimpl
+def register_approximators(register):
+    register(LiSSA)

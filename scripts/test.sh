@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Fresh virtual environment with everything the tests need, then the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/pip install -q torch==2.13.0
+.venv/bin/pip install -q -e '.[test]'
+.venv/bin/python -m pytest -q "$@"
