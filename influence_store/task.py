@@ -143,7 +143,10 @@ def load_task(spec: str, options: dict | None = None) -> Task:
         entry, target = loaders[prefix], rest
     else:
         entry, target = lookup("register_task_loaders", "python"), spec
-    loader = entry.cls(parse_options(entry.options_cls, options, f"task loader {entry.name!r}"))
+    if getattr(entry.cls, "free_options", False):  # e.g. the python loader passes options on as keyword arguments
+        loader = entry.cls(dict(options or {}))
+    else:
+        loader = entry.cls(parse_options(entry.options_cls, options, f"task loader {entry.name!r}"))
     task = loader.load(target)
     if not isinstance(task, Task):
         raise InfluenceStoreError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import importlib.util
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ class PythonTaskLoader(TaskLoader):
     """Call a function that returns a Task: file.py:function or package.module:function."""
 
     name = "python"
+    free_options = True  # task options (-t KEY VALUE) become keyword arguments of the function
 
     def load(self, target):
         where, sep, function = target.rpartition(":")
@@ -26,7 +28,18 @@ class PythonTaskLoader(TaskLoader):
         factory = getattr(module, function, None)
         if not callable(factory):
             raise InfluenceStoreError(f"task spec {target!r}: {where!r} has no function {function!r}")
-        return factory()
+        try:
+            signature = inspect.signature(factory)
+        except (TypeError, ValueError):
+            signature = None
+        if signature is not None and self.options:
+            accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+            unknown = [k for k in self.options if k not in signature.parameters and not accepts_any]
+            if unknown:
+                valid = ", ".join(signature.parameters) or "(none)"
+                raise InfluenceStoreError(f"task function {function!r} takes no option {unknown[0]!r}; "
+                                          f"its parameters: {valid}")
+        return factory(**self.options)
 
 
 def _import(where: str):

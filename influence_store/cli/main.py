@@ -16,6 +16,7 @@ class CLIGroup(click.Group):
 
     def invoke(self, ctx):
         try:
+            self._load_plugin_dirs(ctx.params.get("plugins_dir") or ())
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
@@ -28,21 +29,26 @@ class CLIGroup(click.Group):
             raise click.ClickException(f"{type(exc).__name__}: {message} (set INFLUENCE_STORE_DEBUG=1 for details)") \
                 from None
 
+    def _load_plugin_dirs(self, directories) -> None:
+        """Load ``--plugins-dir`` files before the subcommand is resolved, so they can add commands too."""
+        if not directories:
+            return
+        from ..plugin_manager import call_hook, load_plugins_dir
+
+        for directory in directories:
+            load_plugins_dir(directory)
+        call_hook("register_commands", cli=self)  # re-adding an existing command replaces it: harmless
+
 
 @click.group(cls=CLIGroup)
 @click.version_option(__version__, prog_name="influence-store")
 @click.option("--plugins-dir", type=click.Path(file_okay=False), multiple=True, envvar=None,
               help="Load every *.py file in this folder as a plugin (repeatable).")
-def cli(plugins_dir):
+@click.option("--db", default=None, metavar="PATH|URL",
+              help="Store location for every command (default: $INFLUENCE_STORE_DB or ./influence-store.db).")
+def cli(plugins_dir, db):
     """Find the training examples that hurt a model, record why, and track their removal."""
-    if plugins_dir:
-        from ..plugin_manager import load_plugins_dir
-
-        for directory in plugins_dir:
-            try:
-                load_plugins_dir(directory)
-            except InfluenceStoreError as exc:
-                raise click.ClickException(str(exc)) from None
+    # plugins_dir is loaded by CLIGroup.invoke, before the subcommand is looked up
 
 
 def main() -> None:

@@ -1,0 +1,133 @@
+"""Run orchestration: task -> scores -> store, resumable and idempotent.
+
+A run is identified by what determines its scores: the model's weights, the training and test
+examples (keys + content hashes), the approximator and its options, the freezing policy, seed,
+device and dtype. Running the same thing again reports the stored run; a run that stopped
+midway resumes at its first unfinished chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InfluenceStoreError
+from .store import Store
+from .task import Task, content_hash, load_task
+
+
+@dataclass
+class RunResult:
+    run_id: int
+    status: str  # "done"
+    outcome: str  # "computed", "resumed" or "existing"
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "status": self.status, "outcome": self.outcome, "seconds": self.seconds}
+
+
+def weights_sha256(model) -> str:
+    """sha256 over the model's parameters and buffers (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def example_rows(task: Task, split: str) -> list[tuple[str, str, Any, Any]]:
+    """(key, content hash, label, payload) of every example of one split, in order."""
+    rows = []
+    for key, example in zip(task.keys(split), getattr(task, split)):
+        payload = task.describe(example)
+        rows.append((key, content_hash(payload), task.label_of(example), payload))
+    return rows
+
+
+def default_dataset_name(task: Task, spec: str) -> str:
+    if task.name:
+        return task.name
+    target = spec.partition(":")[2] if spec.split(":", 1)[0] in ("allennlp",) else spec.rsplit(":", 1)[0]
+    return Path(target).stem.removesuffix(".tar") or "dataset"
+
+
+def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = None, approximator: str = "lissa",
+                options: dict | None = None, freeze: str = "all", freeze_options: dict | None = None,
+                model_version: str | None = None, dataset: str | None = None, device: str = "cpu", seed: int = 0,
+                dtype: str | None = None, memory_budget_mb: float = 256.0, test_chunk_size: int | None = None,
+                self_influence: bool = True, progress: bool = False, resume: int | None = None) -> RunResult:
+    """Compute a task's scores into the store (or report/resume the run that already has them)."""
+    from .freezing import tracked_parameters
+    from .options import options_to_dict, parse_options
+    from .plugin_manager import lookup
+    from .scoring import compute_scores
+
+    started = time.perf_counter()
+    if resume is not None:
+        previous = store.run(resume)
+        spec, task_options = previous["task_spec"], previous["task_options"]
+        approximator, options = previous["approximator"], previous["options"]
+        freeze, freeze_options = previous["freeze"], previous["freeze_options"]
+        seed, device = previous["seed"], previous["device"]
+        dtype, test_chunk_size = previous["settings"]["dtype"], previous["settings"]["test_chunk_size"]
+        model_version, dataset = previous["model_version"], previous["train_dataset"]
+    task = spec if isinstance(spec, Task) else load_task(spec, task_options)
+    spec_text = spec if isinstance(spec, str) else f"<python object {task.name or 'Task'}>"
+    dataset = dataset or default_dataset_name(task, spec_text)
+    train_rows, test_rows = example_rows(task, "train"), example_rows(task, "test")
+    weights = weights_sha256(task.model)
+    parsed = options_to_dict(parse_options(lookup("register_approximators", approximator).options_cls, options,
+                                           f"approximator {approximator!r}"))
+    tracked = tracked_parameters(task.model, freeze, freeze_options)
+    model_version = model_version or store.version_for_weights(weights) or f"model-{weights[:10]}"
+    identity = {
+        "weights": weights, "model_version": model_version, "approximator": approximator, "options": parsed,
+        "freeze": freeze, "freeze_options": freeze_options or {}, "tracked": tracked, "seed": seed,
+        "device": str(device), "dtype": str(dtype), "l2": task.l2, "memory_budget_mb": memory_budget_mb,
+        "test_chunk_size": test_chunk_size, "self_influence": self_influence, "dataset": dataset,
+        "train": hashlib.sha256(json.dumps([r[:2] for r in train_rows]).encode()).hexdigest(),
+        "test": hashlib.sha256(json.dumps([r[:2] for r in test_rows]).encode()).hexdigest(),
+    }
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    existing = store.run(resume) if resume is not None else store.find_run(fingerprint)
+    if existing is not None and existing["settings_fingerprint"] != fingerprint:
+        raise InfluenceStoreError(f"run {resume} cannot be resumed: its task, model or data changed since it "
+                                  f"started; start a new run instead")
+    if existing is not None and existing["status"] == "done":
+        return RunResult(existing["id"], "done", "existing", time.perf_counter() - started)
+
+    computation = compute_scores(task, approximator, options, freeze, freeze_options, device=device, seed=seed,
+                                 dtype=dtype, memory_budget_mb=memory_budget_mb,
+                                 test_chunk_size=existing["settings"]["test_chunk_size"] if existing else test_chunk_size,
+                                 progress=progress)
+    if existing is None:
+        run_id = store.create_run(
+            version_name=model_version, weights_sha256=weights, train_dataset=dataset,
+            test_dataset=f"{dataset}/test", train_rows=train_rows, test_rows=test_rows,
+            train_losses=computation.train_losses.tolist(), test_losses=computation.test_losses.tolist(),
+            task_spec=spec_text, task_options=task_options or {}, settings=computation.settings,
+            settings_fingerprint=fingerprint, chunks_total=computation.num_chunks)
+        outcome = "computed"
+    else:
+        run_id, outcome = existing["id"], "resumed"
+    store.start_run(run_id)
+    try:
+        train_ids, test_ids = store.example_ids(run_id, "train"), store.example_ids(run_id, "test")
+        for chunk in computation.chunks(skip=store.done_chunks(run_id)):
+            store.write_chunk(run_id, chunk.index, [test_ids[i] for i in chunk.test_indices], train_ids,
+                              chunk.scores.numpy())
+        if self_influence:
+            store.write_self_influence(run_id, computation.self_influence().tolist())
+    except BaseException as exc:
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
+        store.fail_run(run_id, reason, time.perf_counter() - started)
+        raise
+    seconds = time.perf_counter() - started
+    store.finish_run(run_id, seconds, computation.diagnostics)
+    return RunResult(run_id, "done", outcome, seconds)

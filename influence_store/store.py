@@ -1,0 +1,532 @@
+"""The store: the only module that speaks SQL.
+
+``Store(url)`` opens a database (a SQLite path or any SQLAlchemy URL), upgrades it to the newest
+schema, and offers verbs. Scores are written chunk by chunk; each chunk is committed together with
+its progress marker, so an interrupted run resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from sqlalchemy import case, create_engine, event, func, select, text, update
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.orm import Session
+
+from .errors import InfluenceStoreError
+from .schema import (Dataset, Example, ModelVersion, Proposal, ProposalEvent, Run, RunChunk, RunExample, Score,
+                     Verification, utcnow)
+
+DEFAULT_DB = "influence-store.db"
+DB_ENV = "INFLUENCE_STORE_DB"
+
+
+def default_location() -> str:
+    """Where the store lives when no ``--db`` is given: $INFLUENCE_STORE_DB, else ./influence-store.db."""
+    return os.environ.get(DB_ENV) or DEFAULT_DB
+
+
+def database_url(location: str | None = None) -> str:
+    """A SQLAlchemy URL for a path or URL."""
+    location = location or default_location()
+    return location if "://" in location else f"sqlite:///{Path(location).expanduser()}"
+
+
+def _alembic_config(connection=None):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(resources.files("influence_store.migrations")))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+class Store:
+    """One database. Verbs take and return plain values (ints, strings, dicts, lists)."""
+
+    def __init__(self, location: str | None = None, *, upgrade: bool = True, create: bool = True) -> None:
+        self.url = database_url(location)
+        self.location = location or default_location()
+        self.is_sqlite = make_url(self.url).get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            self.path = Path(make_url(self.url).database or "")
+            self._check_sqlite_path(create)
+        self.engine = self._engine()
+        self._check_readable()
+        if upgrade:
+            self.upgrade()
+
+    # -- opening ---------------------------------------------------------------------------------
+
+    def _check_sqlite_path(self, create: bool) -> None:
+        path = self.path
+        if path.is_dir():
+            raise InfluenceStoreError(f"store path {str(path)!r} is a directory; give a file path with --db")
+        if path.exists():
+            with open(path, "rb") as handle:
+                header = handle.read(16)
+            if header and header != b"SQLite format 3\x00":
+                raise InfluenceStoreError(
+                    f"{str(path)!r} is not a SQLite database; give a new path or an influence-store database with --db")
+            return
+        if not create:
+            raise InfluenceStoreError(f"no store at {str(path)!r}; create one with `influence-store init`")
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise InfluenceStoreError(f"cannot create store {str(path)!r}: folder {str(parent)!r} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise InfluenceStoreError(f"cannot create store {str(path)!r}: folder {str(parent)!r} is not writable; "
+                                      f"choose another --db path")
+
+    def _engine(self) -> Engine:
+        if not self.is_sqlite:
+            return create_engine(self.url)
+        engine = create_engine(self.url, connect_args={"timeout": 60})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection, _record):
+            dbapi_connection.isolation_level = None  # we issue BEGIN ourselves (see below)
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=60000")
+            if self.path.exists() and os.access(self.path, os.W_OK):
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(connection):
+            # BEGIN IMMEDIATE: a writer waits for the lock up front instead of failing mid-transaction.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+
+    def _check_readable(self) -> None:
+        try:
+            with self.engine.connect() as connection:
+                connection.exec_driver_sql("SELECT count(*) FROM sqlite_master" if self.is_sqlite else "SELECT 1")
+        except DatabaseError as exc:
+            raise InfluenceStoreError(f"cannot open store {self.location!r}: {_reason(exc)}; "
+                                      f"give an influence-store database with --db") from None
+
+    def revision(self) -> str | None:
+        """The schema revision the database is at (None for a blank database)."""
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+
+    def upgrade(self) -> None:
+        """Upgrade the schema to head; refuse a database written by a newer influence-store."""
+        from alembic import command
+        from alembic.script import ScriptDirectory
+
+        current, head = self.revision(), head_revision()
+        if current == head:
+            return
+        known = {rev.revision for rev in ScriptDirectory.from_config(_alembic_config()).walk_revisions()}
+        if current is not None and current not in known:
+            raise InfluenceStoreError(
+                f"store {self.location!r} has schema revision {current!r}, newer than this influence-store "
+                f"knows (head {head!r}); upgrade influence-store (pip install -U influence-store)")
+        if self.is_sqlite and self.path.exists() and not os.access(self.path, os.W_OK):
+            raise InfluenceStoreError(f"store {self.location!r} needs a schema upgrade but is read-only")
+        try:
+            with self.engine.begin() as connection:
+                command.upgrade(_alembic_config(connection), "head")
+        except OperationalError as exc:
+            raise InfluenceStoreError(f"cannot upgrade store {self.location!r}: {_reason(exc)}") from None
+        if self.is_sqlite:
+            with self.engine.connect() as connection:
+                connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction: committed on success, rolled back on any error."""
+        try:
+            with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                yield session
+        except OperationalError as exc:
+            raise InfluenceStoreError(f"store {self.location!r}: {_reason(exc)}") from None
+
+    def backup(self, target: str) -> None:
+        """Copy a consistent snapshot of a SQLite store to ``target`` (safe while others write)."""
+        if not self.is_sqlite:
+            raise InfluenceStoreError("backup is built in for SQLite only; use your database's own tools")
+        target_path = Path(target)
+        if target_path.exists():
+            raise InfluenceStoreError(f"backup target {target!r} exists; choose a new path")
+        if not target_path.parent.is_dir() if str(target_path.parent) else False:
+            raise InfluenceStoreError(f"backup folder {str(target_path.parent)!r} does not exist")
+        source = sqlite3.connect(str(self.path))
+        try:
+            dest = sqlite3.connect(str(target_path))
+            with dest:
+                source.backup(dest)
+            dest.close()
+        finally:
+            source.close()
+
+    def status(self) -> dict[str, Any]:
+        """Schema revision and row counts, for ``db status``."""
+        with self.session() as s:
+            counts = {model.__tablename__: s.scalar(select(func.count()).select_from(model))
+                      for model in (Dataset, Example, ModelVersion, Run, Score, Proposal, Verification)}
+        return {"location": self.location, "url": self.url, "revision": self.revision(),
+                "head": head_revision(), "rows": counts}
+
+    # -- datasets and examples ----------------------------------------------------------------------
+
+    def dataset_id(self, session: Session, name: str, create: bool = True) -> int | None:
+        found = session.scalar(select(Dataset.id).where(Dataset.name == name))
+        if found is None and create:
+            dataset = Dataset(name=name)
+            session.add(dataset)
+            session.flush()
+            found = dataset.id
+        return found
+
+    def require_dataset(self, name: str) -> int:
+        with self.session() as s:
+            found = self.dataset_id(s, name, create=False)
+            if found is None:
+                names = s.scalars(select(Dataset.name).order_by(Dataset.name)).all()
+                raise InfluenceStoreError(f"no dataset {name!r}; known datasets: {', '.join(names) or '(none)'}")
+            return found
+
+    def upsert_examples(self, session: Session, dataset_id: int, rows: Sequence[tuple[str, str, Any, Any]]) -> list[int]:
+        """Rows of (key, content_hash, label, payload) -> example ids, creating the ones not yet stored."""
+        existing = {(k, h): i for i, k, h in session.execute(
+            select(Example.id, Example.key, Example.content_hash).where(Example.dataset_id == dataset_id))}
+        new = [(k, h, l, p) for k, h, l, p in rows if (k, h) not in existing]
+        if new:
+            session.execute(Example.__table__.insert(), [
+                {"dataset_id": dataset_id, "key": k, "content_hash": h,
+                 "label_json": json.dumps(l), "payload_json": json.dumps(p)} for k, h, l, p in new])
+            existing = {(k, h): i for i, k, h in session.execute(
+                select(Example.id, Example.key, Example.content_hash).where(Example.dataset_id == dataset_id))}
+        return [existing[(k, h)] for k, h, _, _ in rows]
+
+    def examples(self, ids: Iterable[int]) -> dict[int, dict]:
+        """Example id -> {id, key, label, payload, dataset}."""
+        ids = list(dict.fromkeys(ids))
+        out: dict[int, dict] = {}
+        with self.session() as s:
+            for start in range(0, len(ids), 900):
+                for row in s.execute(select(Example, Dataset.name).join(Dataset).where(
+                        Example.id.in_(ids[start:start + 900]))):
+                    ex, dataset = row
+                    out[ex.id] = {"id": ex.id, "key": ex.key, "dataset": dataset, "content_hash": ex.content_hash,
+                                  "label": json.loads(ex.label_json) if ex.label_json else None,
+                                  "payload": json.loads(ex.payload_json)}
+        return out
+
+    # -- model versions ---------------------------------------------------------------------------
+
+    def version(self, name: str) -> dict:
+        with self.session() as s:
+            found = s.scalar(select(ModelVersion).where(ModelVersion.name == name))
+            if found is None:
+                names = s.scalars(select(ModelVersion.name).order_by(ModelVersion.id)).all()
+                raise InfluenceStoreError(
+                    f"no model version {name!r}; known versions: {', '.join(names) or '(none)'} "
+                    f"(register one with `influence-store versions add`)")
+            return self._version_dict(s, found)
+
+    def _version_dict(self, s: Session, v: ModelVersion) -> dict:
+        parent = s.get(ModelVersion, v.parent_id) if v.parent_id else None
+        dataset = s.get(Dataset, v.dataset_id) if v.dataset_id else None
+        runs = s.scalar(select(func.count()).select_from(Run).where(Run.model_version_id == v.id))
+        return {"id": v.id, "name": v.name, "parent": parent.name if parent else None,
+                "checkpoint_path": v.checkpoint_path, "checkpoint_sha256": v.checkpoint_sha256,
+                "weights_sha256": v.weights_sha256, "dataset": dataset.name if dataset else None,
+                "created_utc": v.created_utc, "notes": v.notes, "runs": runs}
+
+    def add_version(self, name: str, parent: str | None = None, checkpoint_path: str | None = None,
+                    checkpoint_sha256: str | None = None, dataset: str | None = None, notes: str | None = None,
+                    weights_sha256: str | None = None, session: Session | None = None) -> dict:
+        def add(s: Session) -> dict:
+            if s.scalar(select(ModelVersion.id).where(ModelVersion.name == name)) is not None:
+                raise InfluenceStoreError(f"model version {name!r} already exists; choose a new name")
+            parent_id = None
+            if parent is not None:
+                parent_id = s.scalar(select(ModelVersion.id).where(ModelVersion.name == parent))
+                if parent_id is None:
+                    raise InfluenceStoreError(f"parent version {parent!r} does not exist; see `influence-store versions list`")
+            dataset_id = self.dataset_id(s, dataset) if dataset else None
+            version = ModelVersion(name=name, parent_id=parent_id, checkpoint_path=checkpoint_path,
+                                   checkpoint_sha256=checkpoint_sha256, dataset_id=dataset_id, notes=notes,
+                                   weights_sha256=weights_sha256)
+            s.add(version)
+            s.flush()
+            return self._version_dict(s, version)
+
+        if session is not None:
+            return add(session)
+        with self.session() as s:
+            return add(s)
+
+    def version_for_weights(self, weights_sha256: str) -> str | None:
+        """The oldest model version recorded with exactly these weights, if any."""
+        with self.session() as s:
+            return s.scalar(select(ModelVersion.name).where(ModelVersion.weights_sha256 == weights_sha256)
+                            .order_by(ModelVersion.id).limit(1))
+
+    def versions(self) -> list[dict]:
+        with self.session() as s:
+            return [self._version_dict(s, v) for v in s.scalars(select(ModelVersion).order_by(ModelVersion.id))]
+
+    # -- runs -------------------------------------------------------------------------------------
+
+    def find_run(self, settings_fingerprint: str) -> dict | None:
+        """The newest run with these exact settings, if any."""
+        with self.session() as s:
+            run = s.scalar(select(Run).where(Run.settings_fingerprint == settings_fingerprint)
+                           .order_by(Run.id.desc()).limit(1))
+            return _run_dict(run) if run else None
+
+    def create_run(self, *, version_name: str, weights_sha256: str, train_dataset: str, test_dataset: str,
+                   train_rows: Sequence[tuple], test_rows: Sequence[tuple], train_losses: Sequence[float],
+                   test_losses: Sequence[float], task_spec: str, task_options: dict, settings: dict,
+                   settings_fingerprint: str, chunks_total: int) -> int:
+        """Register examples, the model version (created on first use) and a pending run, in one transaction."""
+        with self.session() as s:
+            version = s.scalar(select(ModelVersion).where(ModelVersion.name == version_name))
+            if version is None:
+                version = ModelVersion(name=version_name, weights_sha256=weights_sha256,
+                                       dataset_id=self.dataset_id(s, train_dataset))
+                s.add(version)
+                s.flush()
+            elif version.weights_sha256 is None:
+                version.weights_sha256 = weights_sha256
+            elif version.weights_sha256 != weights_sha256:
+                raise InfluenceStoreError(
+                    f"model version {version_name!r} was recorded with other weights (sha256 "
+                    f"{version.weights_sha256[:12]}, this model {weights_sha256[:12]}); register the new model as "
+                    f"a new version (--model-version NEW)")
+            if version.dataset_id is None:
+                version.dataset_id = self.dataset_id(s, train_dataset)
+            train_id = self.dataset_id(s, train_dataset)
+            test_id = self.dataset_id(s, test_dataset)
+            if train_id == test_id:
+                raise InfluenceStoreError("train and test datasets must have different names")
+            train_ids = self.upsert_examples(s, train_id, train_rows)
+            test_ids = self.upsert_examples(s, test_id, test_rows)
+            run = Run(model_version_id=version.id, train_dataset_id=train_id, test_dataset_id=test_id,
+                      task_spec=task_spec, task_options_json=json.dumps(task_options, default=str),
+                      approximator=settings["approximator"], options_json=json.dumps(settings["options"]),
+                      freeze=settings["freeze"], freeze_options_json=json.dumps(settings["freeze_options"]),
+                      tracked_fingerprint=settings["tracked_fingerprint"], num_params=settings["num_params"],
+                      seed=settings["seed"], effective_damping=float(settings["effective_damping"]),
+                      sign_convention=settings["sign_convention"], versions_json=json.dumps(settings["versions"]),
+                      device=settings["device"], settings_json=json.dumps(settings, default=str),
+                      settings_fingerprint=settings_fingerprint, status="pending", n_train=len(train_ids),
+                      n_test=len(test_ids), chunks_total=chunks_total, chunks_done=0)
+            s.add(run)
+            s.flush()
+            s.execute(RunExample.__table__.insert(), [
+                {"run_id": run.id, "split": split, "position": i, "example_id": eid, "loss": float(loss)}
+                for split, ids, losses in (("train", train_ids, train_losses), ("test", test_ids, test_losses))
+                for i, (eid, loss) in enumerate(zip(ids, losses))])
+            return run.id
+
+    def run(self, run_id: int | str) -> dict:
+        with self.session() as s:
+            return _run_dict(self._get_run(s, run_id), s)
+
+    def _get_run(self, s: Session, run_id: int | str) -> Run:
+        try:
+            number = int(run_id)
+        except (TypeError, ValueError):
+            raise InfluenceStoreError(f"run id must be a number, got {run_id!r}") from None
+        run = s.get(Run, number)
+        if run is None:
+            last = s.scalar(select(func.max(Run.id)))
+            raise InfluenceStoreError(f"no run {number} in {self.location!r}"
+                                      + (f"; runs go up to {last} (see `influence-store runs list`)" if last else
+                                         "; the store has no runs yet"))
+        return run
+
+    def runs(self, version: str | None = None, status: str | None = None) -> list[dict]:
+        with self.session() as s:
+            query = select(Run).order_by(Run.id)
+            if version is not None:
+                query = query.join(ModelVersion).where(ModelVersion.name == version)
+            if status is not None:
+                query = query.where(Run.status == status)
+            return [_run_dict(r, s) for r in s.scalars(query)]
+
+    def start_run(self, run_id: int) -> None:
+        with self.session() as s:
+            run = self._get_run(s, run_id)
+            run.status, run.error = "running", None
+            run.started_utc = run.started_utc or utcnow()
+
+    def done_chunks(self, run_id: int) -> list[int]:
+        with self.session() as s:
+            return list(s.scalars(select(RunChunk.chunk_index).where(RunChunk.run_id == run_id)))
+
+    def example_ids(self, run_id: int, split: str) -> list[int]:
+        """Example ids of a run's split, by position."""
+        with self.session() as s:
+            return list(s.scalars(select(RunExample.example_id).where(
+                RunExample.run_id == run_id, RunExample.split == split).order_by(RunExample.position)))
+
+    def write_chunk(self, run_id: int, chunk_index: int, test_ids: Sequence[int], train_ids: Sequence[int],
+                    scores) -> float:
+        """Insert one chunk of scores (rows = test_ids, columns = train_ids) and its progress marker
+        in one transaction; returns the seconds spent. A chunk already stored is skipped."""
+        started = time.perf_counter()
+        values = scores.tolist() if hasattr(scores, "tolist") else scores
+        with self.engine.begin() as connection:
+            exists = connection.execute(select(RunChunk.chunk_index).where(
+                RunChunk.run_id == run_id, RunChunk.chunk_index == chunk_index)).first()
+            if exists is None:
+                rows = [(run_id, t, j, v) for t, row in zip(test_ids, values) for j, v in zip(train_ids, row)]
+                if self.is_sqlite:
+                    connection.connection.driver_connection.executemany(
+                        "INSERT INTO scores (run_id, test_example_id, train_example_id, score) VALUES (?, ?, ?, ?)",
+                        rows)
+                else:
+                    connection.execute(Score.__table__.insert(), [
+                        {"run_id": r, "test_example_id": t, "train_example_id": j, "score": v} for r, t, j, v in rows])
+                connection.execute(RunChunk.__table__.insert(), {"run_id": run_id, "chunk_index": chunk_index,
+                                                                  "finished_utc": utcnow()})
+                seconds = time.perf_counter() - started
+                connection.execute(update(Run).where(Run.id == run_id).values(
+                    chunks_done=Run.chunks_done + 1, seconds_writing=Run.seconds_writing + seconds))
+        return time.perf_counter() - started
+
+    def write_self_influence(self, run_id: int, values: Sequence[float]) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(update(RunExample).where(
+                RunExample.run_id == run_id, RunExample.split == "train",
+                RunExample.position == text(":pos")).values(self_influence=text(":value")),
+                [{"pos": i, "value": float(v)} for i, v in enumerate(values)])
+
+    def finish_run(self, run_id: int, seconds: float, diagnostics: dict) -> None:
+        with self.session() as s:
+            run = self._get_run(s, run_id)
+            run.status, run.finished_utc = "done", utcnow()
+            run.seconds_total = (run.seconds_total or 0.0) + seconds
+            run.diagnostics_json = json.dumps(diagnostics, default=str)
+
+    def fail_run(self, run_id: int, error: str, seconds: float) -> None:
+        with self.session() as s:
+            run = self._get_run(s, run_id)
+            run.status, run.error = "failed", error
+            run.seconds_total = (run.seconds_total or 0.0) + seconds
+
+    # -- reading scores -----------------------------------------------------------------------------
+
+    def test_example_id(self, run_id: int, key: str) -> int:
+        with self.session() as s:
+            run = self._get_run(s, run_id)
+            found = s.scalar(select(RunExample.example_id).join(Example, Example.id == RunExample.example_id).where(
+                RunExample.run_id == run.id, RunExample.split == "test", Example.key == str(key)))
+            if found is None:
+                sample = s.scalars(select(Example.key).join(RunExample, Example.id == RunExample.example_id).where(
+                    RunExample.run_id == run.id, RunExample.split == "test").order_by(RunExample.position).limit(5))
+                raise InfluenceStoreError(f"run {run.id} has no test example with key {key!r}; "
+                                          f"test keys look like: {', '.join(sample)}")
+            return found
+
+    def score_rows(self, run_id: int, test_example_id: int) -> list[tuple[int, float]]:
+        """(train example id, score) for one test example, all training examples."""
+        with self.engine.connect() as connection:
+            return [tuple(r) for r in connection.execute(select(Score.train_example_id, Score.score).where(
+                Score.run_id == run_id, Score.test_example_id == test_example_id))]
+
+    def top_scores(self, run_id: int, test_key: str, k: int) -> dict[str, list[dict]]:
+        """Most helpful (largest) and most harmful (most negative) training examples for one test example."""
+        test_id = self.test_example_id(run_id, test_key)
+        with self.engine.connect() as connection:
+            def fetch(order):
+                return connection.execute(select(Score.train_example_id, Score.score).where(
+                    Score.run_id == run_id, Score.test_example_id == test_id).order_by(order).limit(k)).all()
+            helpful, harmful = fetch(Score.score.desc()), fetch(Score.score.asc())
+        return self._with_examples(run_id, {"helpful": helpful, "harmful": harmful})
+
+    def aggregate_scores(self, run_id: int) -> list[dict]:
+        """Per training example, over the run's test set: sum, mean, min, max and how many test examples it hurts."""
+        with self.session() as s:
+            run = self._get_run(s, run_id)
+            rows = s.execute(select(Score.train_example_id, func.sum(Score.score), func.avg(Score.score),
+                                    func.min(Score.score), func.max(Score.score),
+                                    func.sum(case((Score.score < 0, 1), else_=0)))
+                             .where(Score.run_id == run.id).group_by(Score.train_example_id)).all()
+            n_train = run.n_train
+        return [{"example_id": r[0], "sum": r[1], "mean": r[2], "min": r[3], "max": r[4], "hurts": int(r[5]),
+                 "predicted_loss_change": r[2] / n_train} for r in rows]
+
+    def top_aggregate(self, run_id: int, k: int, by: str = "sum") -> dict[str, list[dict]]:
+        rows = self.aggregate_scores(run_id)
+        rows.sort(key=lambda r: r[by])
+        harmful, helpful = rows[:k], rows[::-1][:k]
+        info = self.run_examples(run_id, "train")
+        examples = self.examples(r["example_id"] for r in harmful + helpful)
+        def enrich(r):
+            return {**r, "key": examples[r["example_id"]]["key"], "label": examples[r["example_id"]]["label"],
+                    "loss": info[r["example_id"]]["loss"], "self_influence": info[r["example_id"]]["self_influence"]}
+        return {"helpful": [enrich(r) for r in helpful], "harmful": [enrich(r) for r in harmful]}
+
+    def run_examples(self, run_id: int, split: str) -> dict[int, dict]:
+        """Example id -> {position, loss, self_influence} for one split of a run."""
+        with self.session() as s:
+            rows = s.execute(select(RunExample).where(RunExample.run_id == run_id, RunExample.split == split)
+                             .order_by(RunExample.position)).scalars()
+            return {r.example_id: {"position": r.position, "loss": r.loss, "self_influence": r.self_influence}
+                    for r in rows}
+
+    def self_influence(self, run_id: int, k: int | None = None) -> list[dict]:
+        """Training examples by self-influence, largest first, with their training loss."""
+        with self.session() as s:
+            run = self._get_run(s, run_id)
+            query = (select(RunExample.example_id, RunExample.self_influence, RunExample.loss, Example.key,
+                            Example.label_json).join(Example, Example.id == RunExample.example_id)
+                     .where(RunExample.run_id == run.id, RunExample.split == "train",
+                            RunExample.self_influence.is_not(None))
+                     .order_by(RunExample.self_influence.desc()))
+            if k is not None:
+                query = query.limit(k)
+            return [{"example_id": e, "key": key, "label": json.loads(lab) if lab else None, "self_influence": si,
+                     "loss": loss} for e, si, loss, key, lab in s.execute(query)]
+
+    def _with_examples(self, run_id: int, groups: dict[str, list]) -> dict[str, list[dict]]:
+        info = self.run_examples(run_id, "train")
+        examples = self.examples(e for rows in groups.values() for e, _ in rows)
+        return {name: [{"key": examples[e]["key"], "example_id": e, "score": score,
+                        "label": examples[e]["label"], "loss": info[e]["loss"]} for e, score in rows]
+                for name, rows in groups.items()}
+
+
+def _run_dict(run: Run, s: Session | None = None) -> dict:
+    out = {c.name: getattr(run, c.key) for c in Run.__table__.columns}
+    for name in ("options_json", "freeze_options_json", "versions_json", "settings_json", "diagnostics_json",
+                 "task_options_json"):
+        out[name.removesuffix("_json")] = json.loads(out.pop(name) or "{}")
+    if s is not None:
+        out["model_version"] = s.get(ModelVersion, run.model_version_id).name
+        out["train_dataset"] = s.get(Dataset, run.train_dataset_id).name
+        out["test_dataset"] = s.get(Dataset, run.test_dataset_id).name
+    return out
+
+
+def _reason(exc: Exception) -> str:
+    text_ = str(getattr(exc, "orig", exc)) or type(exc).__name__
+    return text_.strip().splitlines()[0]

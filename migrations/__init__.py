@@ -1,0 +1,1 @@
+"""Alembic environment of the store (shipped as ``influence_store.migrations``)."""
