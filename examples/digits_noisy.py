@@ -69,8 +69,23 @@ def fit(examples, l2: float = L2):
     return model
 
 
-def task() -> ist.Task:
+def accuracy(model, batch):
+    x, y = batch
+    return (model(x).argmax(1) == y).double()
+
+
+def read_jsonl(path):
+    import json
+
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def task(train_data: str | None = None) -> ist.Task:
+    """The noisy digits task; ``train_data`` (a JSON-lines export) replaces the training set."""
     train, test = load_examples()
+    if train_data:
+        train = read_jsonl(train_data)
     return ist.Task(
         model=fit(train),
         loss=loss,
@@ -81,6 +96,7 @@ def task() -> ist.Task:
         key=lambda e: e["id"],
         fit=fit,
         label=lambda e: e["label"],
+        accuracy=accuracy,
         name="digits-noisy",
     )
 

@@ -9,7 +9,7 @@ _EXPORTS = {
     "Task": "task", "load_task": "task", "compute_scores": "scoring", "ScoreComputation": "scoring",
     "ScoreChunk": "scoring", "SIGN_CONVENTION": "scoring", "InfluenceStoreError": "errors",
     "Approximator": "approximators", "FreezingPolicy": "freezing", "TaskLoader": "task",
-    "hookimpl": "hookspecs", "Store": "store",
+    "hookimpl": "hookspecs", "Store": "store", "execute_run": "runs", "ProposalRule": "curation",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import pluggy
 
-from . import hookspecs
+from . import __version__, hookspecs
 from .errors import InfluenceStoreError
 from .options import NoOptions
 
@@ -31,9 +31,13 @@ BUILTIN_PLUGINS = (
     "influence_store.plugins.exact",
     "influence_store.plugins.freezing",
     "influence_store.plugins.python_tasks",
+    "influence_store.plugins.allennlp_tasks",
+    "influence_store.plugins.proposal_rules",
 )
 
-# hook name -> (kind shown in messages, registry attribute required on each registered class)
+HOOK_NAMES = tuple(name for name in vars(hookspecs) if name.startswith("register_"))
+
+# hook name -> kind of implementation, as messages name it
 REGISTRY_HOOKS = {
     "register_approximators": "approximator",
     "register_freezing_policies": "freezing policy",
@@ -75,12 +79,14 @@ def get_plugin_manager() -> pluggy.PluginManager:
         try:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
         except pluggy.PluginValidationError as exc:
-            raise InfluenceStoreError(f"plugin {exc.plugin_name!r} is invalid: {exc}") from None
+            raise InfluenceStoreError(
+                f"installed plugin {pm.get_name(exc.plugin)!r} is invalid: {_one_line(exc)}; fix or uninstall it"
+            ) from None
+        _check_pending(pm)  # an installed plugin with a misspelt hook fails every command until fixed
         _pm = pm
         for directory in os.environ.get("INFLUENCE_STORE_PLUGINS_DIR", "").split(os.pathsep):
             if directory:
                 load_plugins_dir(directory)
-        _check_pending(pm)
     return _pm
 
 
@@ -93,20 +99,26 @@ def load_plugins_dir(directory: str | os.PathLike) -> list[str]:
     names = []
     if path in _loaded_dirs:
         return names
-    _loaded_dirs.add(path)
     for file in sorted(path.glob("*.py")):
         name = f"plugins_dir.{file.stem}"
         if pm.get_plugin(name) is not None:
             continue
         spec = importlib.util.spec_from_file_location(name, file)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses and type hints resolve names through sys.modules
         try:
             spec.loader.exec_module(module)
         except Exception as exc:  # a broken user file must name itself
-            raise InfluenceStoreError(f"plugin file {str(file)!r} failed to import: {exc}") from None
-        _register(pm, module, name)
+            del sys.modules[name]
+            raise InfluenceStoreError(
+                f"plugin file {str(file)!r} failed to import: {type(exc).__name__}: {exc}") from None
+        try:
+            _register(pm, module, name)
+        except InfluenceStoreError:
+            del sys.modules[name]
+            raise
         names.append(name)
-    _check_pending(pm)
+    _loaded_dirs.add(path)
     _registries.clear()
     return names
 
@@ -116,7 +128,6 @@ def register_plugin(plugin: Any, name: str | None = None) -> str:
     pm = get_plugin_manager()
     name = name or getattr(plugin, "__name__", None) or repr(plugin)
     _register(pm, plugin, name)
-    _check_pending(pm)
     _registries.clear()
     return name
 
@@ -130,13 +141,23 @@ def unregister_plugin(name: str) -> None:
 def call_hook(hook_name: str, **kwargs: Any) -> None:
     """Call every implementation of a hook, one plugin at a time, so errors can name the plugin."""
     for impl in _implementations(hook_name):
+        _call(impl, hook_name, kwargs)
+
+
+def _call(impl, hook_name: str, kwargs: dict[str, Any]) -> None:
+    try:
         impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+    except InfluenceStoreError:
+        raise
+    except Exception as exc:  # a plugin's own bug must name the plugin, not surface as a bare traceback
+        raise InfluenceStoreError(
+            f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}") from None
 
 
 def _implementations(hook_name: str):
     """Hook implementations in registration order (built-ins first), traced when asked."""
     trace = os.environ.get("INFLUENCE_STORE_TRACE_HOOKS")
-    for impl in reversed(getattr(get_plugin_manager().hook, hook_name).get_hookimpls()):
+    for impl in getattr(get_plugin_manager().hook, hook_name).get_hookimpls():  # pluggy keeps them in this order
         if trace:
             print(f"[influence_store] {hook_name} -> {impl.plugin_name}", file=sys.stderr)
         yield impl
@@ -149,7 +170,7 @@ def registry(hook_name: str) -> dict[str, Registered]:
     kind = REGISTRY_HOOKS[hook_name]
     found: dict[str, Registered] = {}
     for impl in _implementations(hook_name):
-        impl.function(register=_registrar(found, kind, impl.plugin_name))
+        _call(impl, hook_name, {"register": _registrar(found, kind, impl.plugin_name)})
     _registries[hook_name] = found
     return found
 
@@ -175,10 +196,12 @@ def plugin_summaries(include_builtins: bool = True) -> list[dict[str, Any]]:
             continue
         dist = dists.get(id(plugin))
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+        package, version = ("influence-store", __version__) if builtin else (
+            (dist.project_name, dist.version) if dist else (None, None))
         rows.append({
             "name": name,
-            "version": dist.version if dist else None,
-            "package": dist.project_name if dist else None,
+            "version": version,
+            "package": package,
             "builtin": builtin,
             "hooks": hooks,
         })
@@ -206,12 +229,18 @@ def _registrar(found: dict[str, Registered], kind: str, plugin_name: str) -> Cal
 
 
 def _register(pm: pluggy.PluginManager, plugin: Any, name: str) -> None:
+    """Register and validate one plugin; a rejected plugin is unregistered so the manager stays usable."""
     try:
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as exc:
-        raise InfluenceStoreError(f"plugin {name!r} is invalid: {exc}") from None
+        raise InfluenceStoreError(f"plugin {name!r} is invalid: {_one_line(exc)}") from None
     except ValueError as exc:
         raise InfluenceStoreError(f"plugin {name!r} could not be registered: {exc}") from None
+    try:
+        _check_pending(pm)
+    except InfluenceStoreError:
+        pm.unregister(name=name)
+        raise
 
 
 def _check_pending(pm: pluggy.PluginManager) -> None:
@@ -219,5 +248,9 @@ def _check_pending(pm: pluggy.PluginManager) -> None:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise InfluenceStoreError(
-            f"plugin {exc.plugin_name!r} implements a hook that does not exist: {exc}; "
-            f"check the hook name against influence_store.hookspecs") from None
+            f"plugin {pm.get_name(exc.plugin)!r} implements a hook that does not exist: {_one_line(exc)}; "
+            f"hooks are {', '.join(HOOK_NAMES)}") from None
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())

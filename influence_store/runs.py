@@ -57,11 +57,20 @@ def default_dataset_name(task: Task, spec: str) -> str:
     return Path(target).stem.removesuffix(".tar") or "dataset"
 
 
+def _portable_spec(spec: str) -> str:
+    """A file spec with an absolute path, so ``verify`` can load the task again from any folder."""
+    where, sep, function = spec.rpartition(":")
+    if sep and where.endswith(".py") and Path(where).is_file():
+        return f"{Path(where).resolve()}:{function}"
+    return spec
+
+
 def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = None, approximator: str = "lissa",
                 options: dict | None = None, freeze: str = "all", freeze_options: dict | None = None,
                 model_version: str | None = None, dataset: str | None = None, device: str = "cpu", seed: int = 0,
                 dtype: str | None = None, memory_budget_mb: float = 256.0, test_chunk_size: int | None = None,
-                self_influence: bool = True, progress: bool = False, resume: int | None = None) -> RunResult:
+                self_influence: bool = True, progress: bool = False, resume: int | None = None,
+                allow_removed: bool = False) -> RunResult:
     """Compute a task's scores into the store (or report/resume the run that already has them)."""
     from .freezing import tracked_parameters
     from .options import options_to_dict, parse_options
@@ -78,7 +87,7 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
         dtype, test_chunk_size = previous["settings"]["dtype"], previous["settings"]["test_chunk_size"]
         model_version, dataset = previous["model_version"], previous["train_dataset"]
     task = spec if isinstance(spec, Task) else load_task(spec, task_options)
-    spec_text = spec if isinstance(spec, str) else f"<python object {task.name or 'Task'}>"
+    spec_text = _portable_spec(spec) if isinstance(spec, str) else f"<python object {task.name or 'Task'}>"
     dataset = dataset or default_dataset_name(task, spec_text)
     train_rows, test_rows = example_rows(task, "train"), example_rows(task, "test")
     weights = weights_sha256(task.model)
@@ -86,6 +95,14 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
                                            f"approximator {approximator!r}"))
     tracked = tracked_parameters(task.model, freeze, freeze_options)
     model_version = model_version or store.version_for_weights(weights) or f"model-{weights[:10]}"
+    if not allow_removed:
+        removed = store.removed_in_lineage(model_version)
+        back = [r[0] for r in train_rows if (r[0], r[1]) in removed]
+        if back:
+            raise InfluenceStoreError(
+                f"{len(back)} training examples of model version {model_version!r} were removed by applied proposals "
+                f"(e.g. {back[0]!r}, proposal {removed[next(k for k in removed if k[0] == back[0])]['id']}); train on "
+                f"the exported data, or pass --allow-removed to score them anyway")
     identity = {
         "weights": weights, "model_version": model_version, "approximator": approximator, "options": parsed,
         "freeze": freeze, "freeze_options": freeze_options or {}, "tracked": tracked, "seed": seed,

@@ -87,9 +87,11 @@ class ScoreComputation:
 
     def self_influence(self) -> Tensor:
         """``g_i^T (H + ridge)^-1 g_i`` for every training example, float64 [n_train]."""
+        # Stream the chunks (never a list of them): over the budget only one chunk is held at a time.
+        chunks = math.ceil(self.n_train / self.model.chunk_size(self.model.num_params))
         out = []
-        for _, g in _progress(list(self.train_grads()), self.progress, "self-influence"):
-            out.append((_dot_rows(self._inverse_hvp(g), g)))
+        for _, g in _progress(self.train_grads(), self.progress, "self-influence", total=chunks):
+            out.append(_dot_rows(self._inverse_hvp(g), g))
         return torch.cat(out)
 
     def train_grads(self) -> Iterator[tuple[list[int], Tensor]]:
@@ -97,7 +99,8 @@ class ScoreComputation:
         if self._train_grads is not None:
             yield list(range(self.n_train)), self._train_grads
             return
-        fits = self.n_train * self.model.num_params * 4 <= self.model.memory_budget
+        itemsize = torch.finfo(self.model.dtype).bits // 8
+        fits = self.n_train * self.model.num_params * itemsize <= self.model.memory_budget
         chunks = []
         for idx, g in self.model.grad_chunks("train"):
             if fits:
@@ -137,7 +140,9 @@ def compute_scores(task: Task, approximator: str = "lissa", options: dict | None
     test_losses = model.losses("test")
     instance = entry.cls(parsed, model, seed=seed)
     instance.prepare()
-    chunk = test_chunk_size or model.chunk_size(model.num_params * 6, cap=1024)
+    # Per test example: a few p-vectors (gradient, inverse-HVP, recursion state) and its float64 score
+    # row over the training set (counted twice: the per-train-chunk pieces and their concatenation).
+    chunk = test_chunk_size or model.chunk_size(model.num_params * 6 + 4 * len(task.train), cap=1024)
     settings = {
         "approximator": approximator,
         "options": options_to_dict(parsed),
@@ -198,9 +203,9 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return table[dtype]
 
 
-def _progress(items, enabled: bool, desc: str):
+def _progress(items, enabled: bool, desc: str, total: int | None = None):
     if not enabled:
         return items
     from tqdm import tqdm
 
-    return tqdm(items, desc=desc, unit="chunk", leave=False)
+    return tqdm(items, desc=desc, unit="chunk", leave=False, total=total)

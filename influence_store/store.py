@@ -293,6 +293,16 @@ class Store:
 
     # -- runs -------------------------------------------------------------------------------------
 
+    def latest_train_run(self, dataset: str) -> dict:
+        """The newest finished run that trained on ``dataset``: its training examples are the data set."""
+        dataset_id = self.require_dataset(dataset)
+        with self.session() as s:
+            run = s.scalar(select(Run).where(Run.train_dataset_id == dataset_id, Run.status == "done")
+                           .order_by(Run.id.desc()).limit(1))
+            if run is None:
+                raise InfluenceStoreError(f"dataset {dataset!r} has no finished run to export from; run one first")
+            return _run_dict(run, s)
+
     def find_run(self, settings_fingerprint: str) -> dict | None:
         """The newest run with these exact settings, if any."""
         with self.session() as s:
@@ -507,6 +517,162 @@ class Store:
             return [{"example_id": e, "key": key, "label": json.loads(lab) if lab else None, "self_influence": si,
                      "loss": loss} for e, si, loss, key, lab in s.execute(query)]
 
+    # -- proposals and reviews ---------------------------------------------------------------------
+
+    def open_removals(self, dataset_id: int) -> dict[int, dict]:
+        """Example id -> its newest proposal that is proposed, accepted or applied, for one dataset."""
+        with self.session() as s:
+            rows = s.execute(select(Proposal).join(Example, Example.id == Proposal.example_id).where(
+                Example.dataset_id == dataset_id, Proposal.status.in_(("proposed", "accepted", "applied")))
+                .order_by(Proposal.id)).scalars()
+            return {p.example_id: _proposal_dict(p) for p in rows}
+
+    def add_proposals(self, run_id: int, rule: str, rule_options: dict, candidates: Sequence[tuple[int, dict]],
+                      actor: str) -> list[int]:
+        """Store (example id, evidence) candidates as proposals, each with its creation event."""
+        with self.session() as s:
+            train = set(s.scalars(select(RunExample.example_id).where(
+                RunExample.run_id == run_id, RunExample.split == "train")))
+            ids = []
+            for rank, (example_id, evidence) in enumerate(candidates, start=1):
+                if example_id not in train:  # test or validation examples are never proposed for removal
+                    raise InfluenceStoreError(f"rule {rule!r} proposed example {example_id}, which is not a "
+                                              f"training example of run {run_id}; fix the rule")
+                proposal = Proposal(run_id=run_id, example_id=example_id, rule=rule,
+                                    rule_options_json=json.dumps(rule_options, default=str), rank=rank,
+                                    evidence_json=json.dumps(evidence, default=float), status="proposed")
+                s.add(proposal)
+                s.flush()
+                s.add(ProposalEvent(proposal_id=proposal.id, from_status=None, to_status="proposed", actor=actor,
+                                    note=f"rule {rule}"))
+                ids.append(proposal.id)
+            return ids
+
+    def proposals(self, ids: Sequence[int] | None = None, status: str | None = None, rule: str | None = None,
+                  run_id: int | None = None, dataset: str | None = None, applied_version: str | None = None) -> list[dict]:
+        with self.session() as s:
+            query = (select(Proposal).join(Example, Example.id == Proposal.example_id)
+                     .join(Dataset, Dataset.id == Example.dataset_id).order_by(Proposal.id))
+            if ids is not None:
+                query = query.where(Proposal.id.in_(list(ids)))
+            if status is not None:
+                query = query.where(Proposal.status == status)
+            if rule is not None:
+                query = query.where(Proposal.rule == rule)
+            if run_id is not None:
+                query = query.where(Proposal.run_id == run_id)
+            if dataset is not None:
+                query = query.where(Dataset.name == dataset)
+            if applied_version is not None:
+                query = query.join(ModelVersion, ModelVersion.id == Proposal.applied_version_id).where(
+                    ModelVersion.name == applied_version)
+            found = [_proposal_dict(p) for p in s.scalars(query)]
+        examples = self.examples(p["example_id"] for p in found)
+        for p in found:
+            p.update(key=examples[p["example_id"]]["key"], label=examples[p["example_id"]]["label"],
+                     dataset=examples[p["example_id"]]["dataset"])
+        return found
+
+    def proposal_events(self, proposal_id: int) -> list[dict]:
+        with self.session() as s:
+            return [{"from": e.from_status, "to": e.to_status, "actor": e.actor, "note": e.note,
+                     "time_utc": e.created_utc}
+                    for e in s.scalars(select(ProposalEvent).where(ProposalEvent.proposal_id == proposal_id)
+                                       .order_by(ProposalEvent.id))]
+
+    def transition(self, ids: Sequence[int], allowed: dict[str, str], actor: str, note: str | None,
+                   applied_version: str | None = None) -> list[dict]:
+        """Move proposals along ``allowed`` (from status -> to status), all or none, one event each."""
+        with self.session() as s:
+            version_id = None
+            if applied_version is not None:
+                version_id = s.scalar(select(ModelVersion.id).where(ModelVersion.name == applied_version))
+            changed = []
+            for pid in ids:
+                proposal = s.get(Proposal, int(pid))
+                if proposal is None:
+                    raise InfluenceStoreError(f"no proposal {pid}; see `influence-store proposals list`")
+                if proposal.status not in allowed:
+                    raise InfluenceStoreError(
+                        f"proposal {pid} is {proposal.status}; only {' or '.join(allowed)} proposals can become "
+                        f"{next(iter(allowed.values()))}" + (" (applied removals are final)"
+                                                              if proposal.status == "applied" else ""))
+                before, proposal.status = proposal.status, allowed[proposal.status]
+                proposal.reviewer, proposal.note, proposal.updated_utc = actor, note, utcnow()
+                if version_id is not None:
+                    proposal.applied_version_id = version_id
+                s.add(ProposalEvent(proposal_id=proposal.id, from_status=before, to_status=proposal.status,
+                                    actor=actor, note=note))
+                changed.append(_proposal_dict(proposal))
+            return changed
+
+    def apply_removals(self, ids: Sequence[int], version: str, parent: str | None, dataset: str, actor: str,
+                       note: str | None) -> dict:
+        """Create model version ``version`` and mark the accepted proposals ``ids`` applied in it, atomically."""
+        with self.session() as s:
+            created = self.add_version(version, parent=parent, dataset=dataset, session=s,
+                                       notes=note or f"exported without {len(ids)} removals")
+            for pid in ids:
+                proposal = s.get(Proposal, int(pid))
+                if proposal is None or proposal.status != "accepted":
+                    raise InfluenceStoreError(f"proposal {pid} is no longer accepted; export again")
+                proposal.status, proposal.applied_version_id = "applied", created["id"]
+                proposal.updated_utc = utcnow()
+                s.add(ProposalEvent(proposal_id=proposal.id, from_status="accepted", to_status="applied",
+                                    actor=actor, note=f"exported; removed in model version {version}"))
+            return created
+
+    def removed_in_lineage(self, version: str) -> dict[tuple[str, str], dict]:
+        """(key, content hash) -> applied proposal, for removals applied in ``version`` or its ancestors."""
+        with self.session() as s:
+            lineage, current = [], s.scalar(select(ModelVersion).where(ModelVersion.name == version))
+            while current is not None and current.id not in lineage:
+                lineage.append(current.id)
+                current = s.get(ModelVersion, current.parent_id) if current.parent_id else None
+            if not lineage:
+                return {}
+            rows = s.execute(select(Proposal, Example.key, Example.content_hash)
+                             .join(Example, Example.id == Proposal.example_id)
+                             .where(Proposal.status == "applied", Proposal.applied_version_id.in_(lineage))).all()
+            return {(key, h): _proposal_dict(p) for p, key, h in rows}
+
+    def latest_done_run(self, version: str, run_id: int | None = None) -> dict:
+        """The newest finished run of a model version (or the given run, checked to belong to it)."""
+        with self.session() as s:
+            query = (select(Run).join(ModelVersion, ModelVersion.id == Run.model_version_id)
+                     .where(ModelVersion.name == version, Run.status == "done").order_by(Run.id.desc()).limit(1))
+            run = s.scalar(query) if run_id is None else self._get_run(s, run_id)
+            if run is None:
+                self.version(version)  # unknown version -> its own message
+                raise InfluenceStoreError(f"model version {version!r} has no finished run; run "
+                                          f"`influence-store run TASK --model-version {version}` first")
+            return _run_dict(run, s)
+
+    def add_verification(self, **values: Any) -> int:
+        with self.session() as s:
+            row = Verification(**{**values, "proposal_ids_json": json.dumps(values.pop("proposal_ids_json"))})
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def verifications(self, run_id: int | None = None) -> list[dict]:
+        with self.session() as s:
+            query = select(Verification).order_by(Verification.id)
+            if run_id is not None:
+                query = query.where(Verification.run_id == run_id)
+            return [{**{c.name: getattr(v, c.key) for c in Verification.__table__.columns},
+                     "proposal_ids": json.loads(v.proposal_ids_json)} for v in s.scalars(query)]
+
+    def set_checkpoint(self, name: str, path: str, sha256: str, notes: str | None) -> dict:
+        """Record the checkpoint of a version created earlier without one (e.g. by ``export``)."""
+        with self.session() as s:
+            version = s.scalar(select(ModelVersion).where(ModelVersion.name == name))
+            if version.checkpoint_sha256 is not None:
+                raise InfluenceStoreError(f"model version {name!r} already exists with a checkpoint; choose a new name")
+            version.checkpoint_path, version.checkpoint_sha256 = path, sha256
+            version.notes = notes or version.notes
+            return self._version_dict(s, version)
+
     def _with_examples(self, run_id: int, groups: dict[str, list]) -> dict[str, list[dict]]:
         info = self.run_examples(run_id, "train")
         examples = self.examples(e for rows in groups.values() for e, _ in rows)
@@ -525,6 +691,14 @@ def _run_dict(run: Run, s: Session | None = None) -> dict:
         out["train_dataset"] = s.get(Dataset, run.train_dataset_id).name
         out["test_dataset"] = s.get(Dataset, run.test_dataset_id).name
     return out
+
+
+def _proposal_dict(p: Proposal) -> dict:
+    return {"id": p.id, "run_id": p.run_id, "example_id": p.example_id, "rule": p.rule, "rank": p.rank,
+            "status": p.status, "evidence": json.loads(p.evidence_json),
+            "rule_options": json.loads(p.rule_options_json), "reviewer": p.reviewer, "note": p.note,
+            "applied_version_id": p.applied_version_id, "created_utc": p.created_utc,
+            "updated_utc": p.updated_utc}
 
 
 def _reason(exc: Exception) -> str:

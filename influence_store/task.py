@@ -29,7 +29,8 @@ class Task:
     ``loss(model, batch)`` returns one loss per example (shape ``[batch_size]``); ``key(example)``
     gives a stable string id (default: the position); ``l2`` enters the Hessian as ``l2 * I``;
     ``fit(examples)`` (optional) retrains a model from scratch, which verification uses;
-    ``label`` and ``payload`` (optional) describe an example for display and export.
+    ``label`` and ``payload`` (optional) describe an example for display and export;
+    ``accuracy(model, batch)`` (optional) returns per-example correctness (1/0) for verification reports.
     """
 
     model: Any
@@ -43,6 +44,7 @@ class Task:
     label: Callable[[Any], Any] | None = None
     payload: Callable[[Any], Any] | None = None
     name: str | None = None
+    accuracy: Callable[[Any, Any], Any] | None = None
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

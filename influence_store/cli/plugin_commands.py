@@ -18,10 +18,14 @@ def plugins(show_all, fmt):
 
     Example: influence-store plugins --all --json
     """
-    emit(plugin_summaries(include_builtins=show_all), fmt, ["name", "package", "version", "hooks"])
+    rows = plugin_summaries(include_builtins=show_all)
+    if fmt != "json":
+        rows = [{**row, "hooks": ", ".join(row["hooks"])} for row in rows]
+    emit(rows, fmt, ["name", "package", "version", "hooks"])
 
 
-def _implementations(hook: str, with_options: bool, fmt: str) -> None:
+def _implementations(hook: str, with_options: bool, fmt: str, flag: str) -> None:
+    """Rows of one registry; ``flag`` is the ``run`` option that passes these options (-o or -f)."""
     rows = []
     for name, entry in sorted(registry(hook).items()):
         row = {"name": name, "plugin": entry.plugin, "summary": entry.summary}
@@ -32,7 +36,7 @@ def _implementations(hook: str, with_options: bool, fmt: str) -> None:
         for row in rows:
             click.echo(f"{row['name']}  ({row['plugin']})\n  {row['summary']}")
             for o in row["options"]:
-                click.echo(f"  -o {o['name']} ({o['type']}, default {o['default']!r}): {o['help']}")
+                click.echo(f"  {flag} {o['name']} ({o['type']}, default {o['default']!r}): {o['help']}")
         return
     emit(rows, fmt, ["name", "plugin", "summary"])
 
@@ -45,7 +49,7 @@ def approximators(with_options, fmt):
 
     Example: influence-store approximators --options
     """
-    _implementations("register_approximators", with_options, fmt)
+    _implementations("register_approximators", with_options, fmt, "-o")
 
 
 @cli.command()
@@ -56,4 +60,4 @@ def policies(with_options, fmt):
 
     Example: influence-store policies --options
     """
-    _implementations("register_freezing_policies", with_options, fmt)
+    _implementations("register_freezing_policies", with_options, fmt, "-f")

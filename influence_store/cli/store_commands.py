@@ -115,11 +115,13 @@ def db_backup(db, target):
 @click.option("--no-self-influence", is_flag=True, help="Skip self-influence of training examples.")
 @click.option("--resume", "resume", type=int, default=None, metavar="RUN",
               help="Resume an interrupted run with its stored settings (TASK_SPEC is then ignored; pass '-').")
+@click.option("--allow-removed", is_flag=True,
+              help="Score training examples whose removal was applied in this model version's lineage.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def run(db, task_spec, approximator, options, freeze, freeze_options, task_options, train_data, test_data,
         model_version, dataset, device, seed, dtype, memory_budget_mb, test_chunk_size, no_self_influence, resume,
-        quiet, as_json):
+        allow_removed, quiet, as_json):
     """Compute every influence score of TASK_SPEC and store it.
 
     TASK_SPEC is FILE.py:FUNCTION, MODULE:FUNCTION, or LOADER:TARGET (e.g. allennlp:model.tar.gz).
@@ -139,7 +141,8 @@ def run(db, task_spec, approximator, options, freeze, freeze_options, task_optio
                          options=pairs(options), freeze=freeze, freeze_options=pairs(freeze_options),
                          model_version=model_version, dataset=dataset, device=device, seed=seed, dtype=dtype,
                          memory_budget_mb=memory_budget_mb, test_chunk_size=test_chunk_size,
-                         self_influence=not no_self_influence, progress=not quiet and not as_json, resume=resume)
+                         self_influence=not no_self_influence, progress=not quiet and not as_json, resume=resume,
+                         allow_removed=allow_removed)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return

@@ -1,0 +1,233 @@
+"""Curation commands: propose, proposals, review, export, versions, compare, verify."""
+
+from __future__ import annotations
+
+import click
+
+from .main import cli
+from .output import emit, output_options
+from .store_commands import db_option, open_store, pairs
+
+PROPOSAL_COLUMNS = ["id", "run_id", "rule", "rank", "key", "label", "status", "reviewer", "evidence"]
+
+
+def _evidence_line(evidence: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in evidence.items())
+
+
+def _proposal_rows(proposals: list[dict], fmt: str) -> list[dict]:
+    if fmt == "json":
+        return proposals
+    return [{**p, "evidence": _evidence_line(p["evidence"])} for p in proposals]
+
+
+@cli.command()
+@db_option
+@click.argument("run_id", type=int)
+@click.option("--rule", default="harmful", show_default=True, help="Proposal rule (see `influence-store rules`).")
+@click.option("--top", default=50, show_default=True, type=int, help="How many proposals to create.")
+@click.option("-o", "--option", "options", type=(str, str), multiple=True, metavar="KEY VALUE",
+              help="Rule option, repeatable.")
+@click.option("--by", "actor", default=None, help="Who proposes (default: the OS user).")
+@output_options
+def propose(db, run_id, rule, top, options, actor, fmt):
+    """Turn a run's stored scores into removal proposals with their evidence.
+
+    Example: influence-store propose 1 --rule harmful --top 50
+    """
+    from ..curation import propose as make
+
+    created = make(open_store(db), run_id, rule, top, pairs(options), actor)
+    emit(_proposal_rows(created, fmt), fmt, PROPOSAL_COLUMNS)
+
+
+@cli.command()
+@output_options
+def rules(fmt):
+    """List proposal rules and their options."""
+    from ..options import describe_options
+    from ..plugin_manager import registry
+
+    rows = [{"name": name, "plugin": entry.plugin, "summary": entry.summary,
+             "options": [vars(o) for o in describe_options(entry.options_cls)]}
+            for name, entry in sorted(registry("register_proposal_rules").items())]
+    if fmt == "json":
+        emit(rows, fmt)
+        return
+    for row in rows:
+        click.echo(f"{row['name']}  ({row['plugin']})\n  {row['summary']}")
+        for o in row["options"]:
+            click.echo(f"  -o {o['name']} ({o['type']}, default {o['default']!r}): {o['help']}")
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def proposals(ctx):
+    """List removal proposals, or show one with its review history."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(proposals_list)
+
+
+@proposals.command("list")
+@db_option
+@click.option("--status", default=None, type=click.Choice(["proposed", "accepted", "rejected", "applied"]))
+@click.option("--rule", default=None)
+@click.option("--run", "run_id", default=None, type=int)
+@click.option("--dataset", default=None)
+@output_options
+def proposals_list(db=None, status=None, rule=None, run_id=None, dataset=None, fmt="table"):
+    """Proposals, filtered by status, rule, run or dataset."""
+    found = open_store(db).proposals(status=status, rule=rule, run_id=run_id, dataset=dataset)
+    emit(_proposal_rows(found, fmt), fmt, PROPOSAL_COLUMNS)
+
+
+@proposals.command("show")
+@db_option
+@click.argument("proposal_id", type=int)
+@output_options
+def proposals_show(db, proposal_id, fmt):
+    """One proposal: example, evidence, and every review event."""
+    store = open_store(db)
+    found = store.proposals(ids=[proposal_id])
+    if not found:
+        raise click.ClickException(f"no proposal {proposal_id}; see `influence-store proposals list`")
+    proposal = {**found[0], "events": store.proposal_events(proposal_id),
+                "example": store.examples([found[0]["example_id"]])[found[0]["example_id"]]["payload"]}
+    if fmt != "table":
+        emit(proposal, fmt)
+        return
+    for key in ("id", "run_id", "rule", "rank", "key", "label", "status", "reviewer", "note"):
+        click.echo(f"{key:>10}: {proposal[key]}")
+    click.echo(f"{'evidence':>10}: {_evidence_line(proposal['evidence'])}")
+    for event in proposal["events"]:
+        click.echo(f"  {event['time_utc']}  {event['from'] or '-'} -> {event['to']}  by {event['actor']}"
+                   + (f": {event['note']}" if event["note"] else ""))
+
+
+@cli.command()
+@db_option
+@click.argument("action", type=click.Choice(["accept", "reject", "revert"]))
+@click.argument("ids", nargs=-1, type=int, required=True)
+@click.option("--note", default=None, help="Why (recorded with the decision).")
+@click.option("--by", "actor", default=None, help="Reviewer (default: the OS user).")
+@output_options
+def review(db, action, ids, note, actor, fmt):
+    """Accept, reject or revert (back to proposed) proposals; all or none change.
+
+    Example: influence-store review accept 3 4 7 --note "label is wrong"
+    """
+    from ..curation import review as decide
+
+    changed = decide(open_store(db), action, ids, note, actor)
+    emit(_proposal_rows(changed, fmt), fmt, PROPOSAL_COLUMNS)
+
+
+@cli.command()
+@db_option
+@click.option("--dataset", required=True, help="Training dataset to export (see `influence-store runs list`).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSON-lines file to write.")
+@click.option("--version", "version", required=True, help="Name of the new model version the removals apply to.")
+@click.option("--parent", default=None, help="Parent version (default: the version of the newest run on the data).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--note", default=None)
+@click.option("--by", "actor", default=None)
+@output_options
+def export(db, dataset, output, version, parent, force, note, actor, fmt):
+    """Write the training set minus accepted removals (plus a removals manifest) and mark them
+    applied in a new model version.
+
+    Example: influence-store export --dataset digits-noisy -o clean.jsonl --version v2
+    """
+    from ..curation import export as write
+
+    result = write(open_store(db), dataset, output, version, parent, force, actor, note)
+    if fmt == "table":
+        click.echo(f"wrote {result['kept']} examples to {result['output']} ({result['removed_now']} removed now, "
+                   f"{result['removed_before']} earlier; manifest {result['manifest']}); new version {version!r}")
+        return
+    emit(result, fmt)
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def versions(ctx):
+    """Model versions: register and list."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(versions_list)
+
+
+@versions.command("add")
+@db_option
+@click.argument("name")
+@click.option("--parent", default=None)
+@click.option("--checkpoint", default=None, type=click.Path(), help="Model file; its sha256 is recorded.")
+@click.option("--dataset", default=None, help="Training dataset of this version.")
+@click.option("--notes", default=None)
+@output_options
+def versions_add(db, name, parent, checkpoint, dataset, notes, fmt):
+    """Register a model version (a version created by `export` gets its checkpoint here)."""
+    from ..curation import add_version
+
+    emit(add_version(open_store(db), name, parent, checkpoint, dataset, notes), fmt,
+         ["id", "name", "parent", "checkpoint_sha256", "dataset", "created_utc"])
+
+
+@versions.command("list")
+@db_option
+@output_options
+def versions_list(db=None, fmt="table"):
+    """Every model version with its parent, checkpoint hash and number of runs."""
+    emit(open_store(db).versions(), fmt, ["id", "name", "parent", "dataset", "runs", "checkpoint_sha256", "created_utc"])
+
+
+@cli.command()
+@db_option
+@click.argument("old")
+@click.argument("new")
+@click.option("--old-run", type=int, default=None, help="Run of OLD to use (default: its newest finished run).")
+@click.option("--new-run", type=int, default=None, help="Run of NEW to use (default: its newest finished run).")
+@click.option("--top", default=10, show_default=True, type=int, help="How many rank movers to list.")
+@output_options
+def compare(db, old, new, old_run, new_run, top, fmt):
+    """Compare two model versions: rank movement, applied removals, predicted vs actual test-loss change.
+
+    Example: influence-store compare v1 v2 --json
+    """
+    from ..curation import compare as diff
+
+    result = diff(open_store(db), old, new, old_run, new_run, top)
+    if fmt != "table":
+        emit(result if fmt == "json" else result["movers"], fmt)
+        return
+    click.echo(f"{old} (run {result['old_run']}, {result['n_train_old']} train) -> {new} (run {result['new_run']}, "
+               f"{result['n_train_new']} train); {result['n_common_train']} training examples in both")
+    click.echo(f"removals applied in {new}: {len(result['removed'])}")
+    click.echo(f"mean test loss: {result['test_loss_old']:.6g} -> {result['test_loss_new']:.6g} "
+               f"(actual change {result['actual_loss_change']:+.6g}, predicted by {old}'s scores "
+               f"{result['predicted_loss_change']:+.6g})")
+    click.echo("largest rank changes (rank 1 = most harmful):")
+    emit(result["movers"], fmt, ["key", "rank_old", "rank_new", "rank_change", "score_old", "score_new"])
+
+
+@cli.command()
+@db_option
+@click.argument("run_id", type=int)
+@click.argument("proposal_ids", nargs=-1, type=int)
+@output_options
+def verify(db, run_id, proposal_ids, fmt):
+    """Retrain without the run's accepted removals (or the given proposals) and store predicted vs
+    actual change of the test loss. Needs a task with fit(examples).
+
+    Example: influence-store verify 1
+    """
+    from ..curation import verify as check
+
+    result = check(open_store(db), run_id, list(proposal_ids) or None)
+    if fmt != "table":
+        emit(result, fmt)
+        return
+    acc = ""
+    if result["accuracy_before"] is not None:
+        acc = f"; accuracy {result['accuracy_before']:.4f} -> {result['accuracy_after']:.4f}"
+    click.echo(f"removed {result['n_removed']}: test loss {result['loss_before']:.6g} -> {result['loss_after']:.6g} "
+               f"(actual {result['actual_loss_change']:+.6g}, predicted {result['predicted_loss_change']:+.6g}){acc}")

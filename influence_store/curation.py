@@ -1,0 +1,262 @@
+"""Curation: stored scores -> removal proposals (rule plugins) -> review -> export -> compare/verify.
+
+Every decision is recorded in the store with who made it, when and why. Removals are proposed
+only for training examples, and an applied removal is final: it cannot quietly come back.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import InfluenceStoreError
+from .options import NoOptions, options_to_dict, parse_options
+from .store import Store
+
+REVIEW_TRANSITIONS = {
+    "accept": {"proposed": "accepted", "rejected": "accepted"},
+    "reject": {"proposed": "rejected", "accepted": "rejected"},
+    "revert": {"accepted": "proposed", "rejected": "proposed"},
+}
+
+
+def current_user() -> str:
+    """The default reviewer: $INFLUENCE_STORE_USER, else the OS user."""
+    try:
+        return os.environ.get("INFLUENCE_STORE_USER") or getpass.getuser()
+    except Exception:  # no user database entry (e.g. some containers)
+        return "unknown"
+
+
+class ProposalRule:
+    """Base for proposal rule plugins.
+
+    ``candidates(store, run)`` returns training examples as (example id, evidence dict), best
+    candidate first; evidence holds the numbers that justify the removal.
+    """
+
+    name: str = ""
+    Options = NoOptions
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    def candidates(self, store: Store, run: dict) -> list[tuple[int, dict]]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def propose(store: Store, run_id: int, rule: str = "harmful", top: int = 50, options: dict | None = None,
+            actor: str | None = None) -> list[dict]:
+    """Create up to ``top`` proposals from a finished run; examples already proposed, accepted or
+    removed in this dataset are skipped."""
+    from .plugin_manager import lookup
+
+    if top < 1:
+        raise InfluenceStoreError(f"--top must be at least 1, got {top}")
+    run = store.run(run_id)
+    if run["status"] != "done":
+        raise InfluenceStoreError(f"run {run_id} is {run['status']}; finish it first (influence-store run --resume {run_id})")
+    entry = lookup("register_proposal_rules", rule)
+    parsed = parse_options(entry.options_cls, options, f"proposal rule {rule!r}")
+    taken = store.open_removals(run["train_dataset_id"])
+    chosen = [(e, ev) for e, ev in entry.cls(parsed).candidates(store, run) if e not in taken][:top]
+    ids = store.add_proposals(run["id"], rule, options_to_dict(parsed), chosen, actor or current_user())
+    return store.proposals(ids=ids)
+
+
+def review(store: Store, action: str, ids: Sequence[int], note: str | None = None, actor: str | None = None) -> list[dict]:
+    """accept, reject or revert proposals (all or none), recording reviewer, time and note."""
+    if action not in REVIEW_TRANSITIONS:
+        raise InfluenceStoreError(f"unknown review action {action!r}; use one of {', '.join(REVIEW_TRANSITIONS)}")
+    if not ids:
+        raise InfluenceStoreError("give at least one proposal id")
+    store.transition(ids, REVIEW_TRANSITIONS[action], actor or current_user(), note)
+    return store.proposals(ids=ids)
+
+
+def export(store: Store, dataset: str, output: str, version: str, parent: str | None = None, force: bool = False,
+           actor: str | None = None, note: str | None = None) -> dict:
+    """Write the training set minus accepted (and earlier applied) removals as JSON lines, plus a
+    removals manifest, then mark the accepted proposals applied in the new model version."""
+    out = Path(output)
+    manifest = out.with_name(out.name.removesuffix(".jsonl") + ".removals.json")
+    for path in (out, manifest):
+        if path.exists() and not force:
+            raise InfluenceStoreError(f"{str(path)!r} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise InfluenceStoreError(f"folder {str(out.parent)!r} does not exist; create it first")
+    run = store.latest_train_run(dataset)
+    parent = parent or run["model_version"]
+    store.version(parent)
+    if any(v["name"] == version for v in store.versions()):
+        raise InfluenceStoreError(f"model version {version!r} already exists; name the new version with --version")
+    accepted = store.proposals(status="accepted", dataset=dataset)
+    applied = store.proposals(status="applied", dataset=dataset)
+    removed_ids = {p["example_id"] for p in accepted + applied}
+    train = store.run_examples(run["id"], "train")
+    examples = store.examples(train)
+    kept = [examples[e] for e in train if e not in removed_ids]
+    _atomic_write(out, "".join(json.dumps(e["payload"]) + "\n" for e in kept))
+    removals = [{"proposal_id": p["id"], "key": p["key"], "label": p["label"], "rule": p["rule"],
+                 "evidence": p["evidence"], "reviewer": p["reviewer"], "note": p["note"],
+                 "status": "applied" if p["status"] == "accepted" else "applied earlier",
+                 "payload": examples[p["example_id"]]["payload"] if p["example_id"] in examples else None}
+                for p in accepted + applied]
+    _atomic_write(manifest, json.dumps({"dataset": dataset, "version": version, "parent": parent,
+                                        "source_run": run["id"], "kept": len(kept), "removed": removals}, indent=2))
+    store.apply_removals([p["id"] for p in accepted], version, parent, dataset, actor or current_user(), note)
+    return {"output": str(out), "manifest": str(manifest), "version": version, "parent": parent,
+            "kept": len(kept), "removed_now": len(accepted), "removed_before": len(applied)}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def compare(store: Store, old: str, new: str, old_run: int | None = None, new_run: int | None = None,
+            top: int = 20) -> dict:
+    """How scores and ranks moved between two model versions (joined by example identity), which
+    removals were applied, and predicted vs actual change of the mean test loss."""
+    a, b = store.latest_done_run(old, old_run), store.latest_done_run(new, new_run)
+    for version in (old, new):
+        check_checkpoint(store, version)
+    agg_a = {r["example_id"]: r for r in store.aggregate_scores(a["id"])}
+    agg_b = {r["example_id"]: r for r in store.aggregate_scores(b["id"])}
+    rank_a = {e: i for i, e in enumerate(sorted(agg_a, key=lambda e: agg_a[e]["mean"]), start=1)}
+    rank_b = {e: i for i, e in enumerate(sorted(agg_b, key=lambda e: agg_b[e]["mean"]), start=1)}
+    common = [e for e in agg_a if e in agg_b]
+    movers = sorted(common, key=lambda e: abs(rank_a[e] - rank_b[e]), reverse=True)[:top]
+    test_a, test_b = store.run_examples(a["id"], "test"), store.run_examples(b["id"], "test")
+    common_test = [e for e in test_a if e in test_b]
+    if not common_test:
+        raise InfluenceStoreError(f"runs {a['id']} and {b['id']} share no test examples; compare runs on the same test set")
+    loss_a = sum(test_a[e]["loss"] for e in common_test) / len(common_test)
+    loss_b = sum(test_b[e]["loss"] for e in common_test) / len(common_test)
+    removed = store.proposals(status="applied", applied_version=new)
+    predicted = sum(agg_a[p["example_id"]]["predicted_loss_change"] for p in removed if p["example_id"] in agg_a)
+    examples = store.examples(movers)
+    return {
+        "old": old, "new": new, "old_run": a["id"], "new_run": b["id"],
+        "n_train_old": a["n_train"], "n_train_new": b["n_train"], "n_common_train": len(common),
+        "n_common_test": len(common_test),
+        "removed": [{"proposal_id": p["id"], "key": p["key"], "rule": p["rule"],
+                     "predicted_loss_change": agg_a.get(p["example_id"], {}).get("predicted_loss_change")}
+                    for p in removed],
+        "predicted_loss_change": predicted, "test_loss_old": loss_a, "test_loss_new": loss_b,
+        "actual_loss_change": loss_b - loss_a,
+        "movers": [{"key": examples[e]["key"], "score_old": agg_a[e]["mean"], "score_new": agg_b[e]["mean"],
+                    "rank_old": rank_a[e], "rank_new": rank_b[e], "rank_change": rank_b[e] - rank_a[e]}
+                   for e in movers],
+    }
+
+
+def check_checkpoint(store: Store, version: str) -> None:
+    """A registered checkpoint must still have the hash recorded at registration."""
+    info = store.version(version)
+    if info["checkpoint_path"] and info["checkpoint_sha256"]:
+        path = Path(info["checkpoint_path"])
+        if path.exists() and file_sha256(path) != info["checkpoint_sha256"]:
+            raise InfluenceStoreError(f"checkpoint {str(path)!r} of model version {version!r} changed since it was "
+                                      f"registered; register the new file as a new version")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def add_version(store: Store, name: str, parent: str | None = None, checkpoint: str | None = None,
+                dataset: str | None = None, notes: str | None = None) -> dict:
+    """Register a model version; a version created by ``export`` gets its checkpoint here."""
+    sha = None
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise InfluenceStoreError(f"checkpoint {checkpoint!r} is not a file; give the saved model file")
+        sha = file_sha256(checkpoint)
+        checkpoint = str(Path(checkpoint).resolve())
+    if any(v["name"] == name for v in store.versions()):
+        if checkpoint is None:
+            raise InfluenceStoreError(f"model version {name!r} already exists; choose a new name")
+        return store.set_checkpoint(name, checkpoint, sha, notes)
+    return store.add_version(name, parent=parent, checkpoint_path=checkpoint, checkpoint_sha256=sha,
+                             dataset=dataset, notes=notes)
+
+
+def verify(store: Store, run_id: int, proposal_ids: Sequence[int] | None = None, task=None,
+           actor: str | None = None) -> dict:
+    """Retrain without the run's accepted (or given) removals; store predicted vs actual change of the
+    mean test loss (and accuracy when the task defines it). Needs a task with ``fit``."""
+    from .runs import example_rows
+    from .task import load_task
+
+    started = time.perf_counter()
+    run = store.run(run_id)
+    if proposal_ids:
+        chosen = store.proposals(ids=proposal_ids)
+        missing = set(proposal_ids) - {p["id"] for p in chosen}
+        if missing:
+            raise InfluenceStoreError(f"no proposal {sorted(missing)[0]}; see `influence-store proposals list`")
+        wrong = [p["id"] for p in chosen if p["run_id"] != run["id"]]
+        if wrong:
+            raise InfluenceStoreError(f"proposal {wrong[0]} belongs to another run; verify it with its own run")
+    else:
+        chosen = [p for p in store.proposals(run_id=run["id"]) if p["status"] in ("accepted", "applied")]
+    if not chosen:
+        raise InfluenceStoreError(f"run {run_id} has no accepted proposals to verify; accept some or pass their ids")
+    task = task or load_task(run["task_spec"], run["task_options"])
+    if task.fit is None:
+        raise InfluenceStoreError("the task has no fit(examples) function, so it cannot be retrained; add one to verify")
+    ids = store.example_ids(run["id"], "train")
+    stored = {r[0]: r for r in example_rows(task, "train")}
+    examples = store.examples(ids)
+    removed_keys = {p["key"] for p in chosen}
+    train = list(task.train)
+    task_keys = task.keys("train")
+    if [examples[e]["key"] for e in ids] != task_keys or any(
+            stored[k][1] != examples[e]["content_hash"] for k, e in zip(task_keys, ids)):
+        raise InfluenceStoreError(f"the task's training data differ from what run {run_id} scored; verify with the "
+                                  f"same data")
+    kept = [x for x, k in zip(train, task_keys) if k not in removed_keys]
+    before, after = task.fit(train), task.fit(kept)
+    loss_before, acc_before = evaluate(task, before)
+    loss_after, acc_after = evaluate(task, after)
+    agg = {r["example_id"]: r for r in store.aggregate_scores(run["id"])}
+    predicted = sum(agg[p["example_id"]]["predicted_loss_change"] for p in chosen)
+    values = dict(run_id=run["id"], proposal_ids_json=[p["id"] for p in chosen], n_removed=len(chosen),
+                  predicted_loss_change=predicted, actual_loss_change=loss_after - loss_before,
+                  loss_before=loss_before, loss_after=loss_after, accuracy_before=acc_before,
+                  accuracy_after=acc_after, seconds=time.perf_counter() - started, actor=actor or current_user())
+    vid = store.add_verification(**values)
+    return {"id": vid, **{k: v for k, v in values.items() if k != "proposal_ids_json"},
+            "proposal_ids": [p["id"] for p in chosen]}
+
+
+def evaluate(task, model) -> tuple[float, float | None]:
+    """Mean test loss (and accuracy when the task defines it) of a model."""
+    import torch
+
+    losses, correct = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(task.test), 512):
+                batch = task.batch("test", range(start, min(start + 512, len(task.test))))
+                losses.append(task.loss(model, batch).double().reshape(-1))
+                if task.accuracy is not None:
+                    correct.append(torch.as_tensor(task.accuracy(model, batch)).double().reshape(-1))
+    finally:
+        model.train(was_training)
+    loss = float(torch.cat(losses).mean())
+    return loss, (float(torch.cat(correct).mean()) if correct else None)
