@@ -495,6 +495,11 @@ class Store:
                     "loss": info[r["example_id"]]["loss"], "self_influence": info[r["example_id"]]["self_influence"]}
         return {"helpful": [enrich(r) for r in helpful], "harmful": [enrich(r) for r in harmful]}
 
+    def score_values(self, run_id: int, limit: int = 2_000_000) -> list[float]:
+        """Score values of a run (at most ``limit``, from the first test examples), for distributions."""
+        with self.engine.connect() as connection:
+            return list(connection.execute(select(Score.score).where(Score.run_id == run_id).limit(limit)).scalars())
+
     def run_examples(self, run_id: int, split: str) -> dict[int, dict]:
         """Example id -> {position, loss, self_influence} for one split of a run."""
         with self.session() as s:

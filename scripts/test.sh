@@ -5,4 +5,6 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e '.[test]'
+# The example plugin package, installed like a user would (not editable): tests find it through its entry point.
+.venv/bin/pip install -q ./examples/influence-store-cg
 .venv/bin/python -m pytest -q "$@"
