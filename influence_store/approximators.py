@@ -7,12 +7,14 @@ An approximator receives the curvature of the training loss as a ``TrackedModel`
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from torch import Tensor
-
-from .gradients import TrackedModel
 from .options import NoOptions
+
+if TYPE_CHECKING:  # every plugin imports this module at startup; torch loads only when one computes
+    from torch import Tensor
+
+    from .gradients import TrackedModel
 
 
 class Approximator:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -66,6 +67,7 @@ class Registered:
 _pm: pluggy.PluginManager | None = None
 _registries: dict[str, dict[str, Registered]] = {}
 _loaded_dirs: set[Path] = set()
+_packages: dict[str, tuple[str, str]] = {}  # entry-point plugin name -> (package, version)
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -76,18 +78,34 @@ def get_plugin_manager() -> pluggy.PluginManager:
         pm.add_hookspecs(hookspecs)
         for module_name in BUILTIN_PLUGINS:
             _register(pm, importlib.import_module(module_name), module_name)
-        try:
-            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        except pluggy.PluginValidationError as exc:
-            raise InfluenceStoreError(
-                f"installed plugin {pm.get_name(exc.plugin)!r} is invalid: {_one_line(exc)}; fix or uninstall it"
-            ) from None
-        _check_pending(pm)  # an installed plugin with a misspelt hook fails every command until fixed
+        _load_entry_points(pm)  # a broken installed plugin fails every command, naming itself, until fixed
         _pm = pm
         for directory in os.environ.get("INFLUENCE_STORE_PLUGINS_DIR", "").split(os.pathsep):
             if directory:
                 load_plugins_dir(directory)
     return _pm
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Register installed packages' ``influence_store`` entry points; errors name plugin and package.
+
+    Done here rather than with pluggy's ``load_setuptools_entrypoints`` so that a plugin that fails to
+    import, or fails validation, is reported by name and package instead of as a bare traceback.
+    """
+    _packages.clear()
+    for dist in importlib.metadata.distributions():
+        for entry_point in dist.entry_points.select(group=ENTRY_POINT_GROUP):
+            package = (dist.metadata["Name"], dist.version)
+            where = f"{entry_point.name!r} (package {package[0]} {package[1]})"
+            try:
+                plugin = entry_point.load()
+            except Exception as exc:
+                raise InfluenceStoreError(f"installed plugin {where} failed to import: {type(exc).__name__}: "
+                                          f"{_one_line(exc)}; fix or uninstall it") from None
+            if pm.get_plugin(entry_point.name) is plugin:  # the same package seen twice on sys.path
+                continue
+            _register(pm, plugin, entry_point.name, where=f"installed plugin {where}")
+            _packages[entry_point.name] = package
 
 
 def load_plugins_dir(directory: str | os.PathLike) -> list[str]:
@@ -188,16 +206,13 @@ def lookup(hook_name: str, name: str) -> Registered:
 def plugin_summaries(include_builtins: bool = True) -> list[dict[str, Any]]:
     """Name, version and implemented hooks of every plugin, for ``influence-store plugins``."""
     pm = get_plugin_manager()
-    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     rows = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
         builtin = name in BUILTIN_PLUGINS
         if builtin and not include_builtins:
             continue
-        dist = dists.get(id(plugin))
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
-        package, version = ("influence-store", __version__) if builtin else (
-            (dist.project_name, dist.version) if dist else (None, None))
+        package, version = ("influence-store", __version__) if builtin else _packages.get(name, (None, None))
         rows.append({
             "name": name,
             "version": version,
@@ -228,28 +243,26 @@ def _registrar(found: dict[str, Registered], kind: str, plugin_name: str) -> Cal
     return register
 
 
-def _register(pm: pluggy.PluginManager, plugin: Any, name: str) -> None:
-    """Register and validate one plugin; a rejected plugin is unregistered so the manager stays usable."""
+def _register(pm: pluggy.PluginManager, plugin: Any, name: str, where: str | None = None) -> None:
+    """Register and validate one plugin; a rejected plugin is unregistered so the manager stays usable.
+
+    ``where`` names the plugin in messages (default ``plugin 'NAME'``).
+    """
+    where = where or f"plugin {name!r}"
     try:
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as exc:
-        raise InfluenceStoreError(f"plugin {name!r} is invalid: {_one_line(exc)}") from None
-    except ValueError as exc:
-        raise InfluenceStoreError(f"plugin {name!r} could not be registered: {exc}") from None
+        raise InfluenceStoreError(f"{where} is invalid: {_one_line(exc)}") from None
+    except ValueError:  # pluggy's message dumps every registered plugin: say what clashed instead
+        taken = f"the name {name!r} is already taken" if pm.get_plugin(name) is not None else \
+            f"it is already registered as {pm.get_name(plugin)!r}"
+        raise InfluenceStoreError(f"{where} could not be registered: {taken}") from None
     try:
-        _check_pending(pm)
-    except InfluenceStoreError:
-        pm.unregister(name=name)
-        raise
-
-
-def _check_pending(pm: pluggy.PluginManager) -> None:
-    try:
-        pm.check_pending()
+        pm.check_pending()  # earlier plugins passed this check, so a failure is this plugin's
     except pluggy.PluginValidationError as exc:
-        raise InfluenceStoreError(
-            f"plugin {pm.get_name(exc.plugin)!r} implements a hook that does not exist: {_one_line(exc)}; "
-            f"hooks are {', '.join(HOOK_NAMES)}") from None
+        pm.unregister(name=name)
+        raise InfluenceStoreError(f"{where} implements a hook that does not exist: {_one_line(exc)}; "
+                                  f"hooks are {', '.join(HOOK_NAMES)}") from None
 
 
 def _one_line(exc: Exception) -> str:

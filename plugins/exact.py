@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from influence_store.approximators import Approximator
 from influence_store.errors import InfluenceStoreError
 from influence_store.hookspecs import hookimpl
@@ -39,6 +37,8 @@ class Exact(Approximator):
         return self.options.damping
 
     def prepare(self) -> None:
+        import torch
+
         p = self.model.num_params
         if p > self.options.max_params:
             raise InfluenceStoreError(
@@ -60,6 +60,8 @@ class Exact(Approximator):
             self._solve = lambda b: eigenvectors @ (inv[:, None] * (eigenvectors.T @ b))
 
     def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        import torch
+
         b = vectors.to(torch.float64).T
         return self._solve(b).T
 
