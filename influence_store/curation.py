@@ -11,11 +11,13 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import InfluenceStoreError
 from .options import NoOptions, options_to_dict, parse_options
-from .store import Store
+
+if TYPE_CHECKING:  # the proposal_rules plugin imports this module at startup; SQLAlchemy loads on use
+    from .store import Store
 
 REVIEW_TRANSITIONS = {
     "accept": {"proposed": "accepted", "rejected": "accepted"},
@@ -74,6 +76,7 @@ def review(store: Store, action: str, ids: Sequence[int], note: str | None = Non
         raise InfluenceStoreError(f"unknown review action {action!r}; use one of {', '.join(REVIEW_TRANSITIONS)}")
     if not ids:
         raise InfluenceStoreError("give at least one proposal id")
+    ids = list(dict.fromkeys(ids))  # `review accept 3 3` is one decision, not a second transition that fails
     store.transition(ids, REVIEW_TRANSITIONS[action], actor or current_user(), note)
     return store.proposals(ids=ids)
 
@@ -123,9 +126,9 @@ def compare(store: Store, old: str, new: str, old_run: int | None = None, new_ru
             top: int = 20) -> dict:
     """How scores and ranks moved between two model versions (joined by example identity), which
     removals were applied, and predicted vs actual change of the mean test loss."""
-    a, b = store.latest_done_run(old, old_run), store.latest_done_run(new, new_run)
     for version in (old, new):
         check_checkpoint(store, version)
+    a, b = store.latest_done_run(old, old_run), store.latest_done_run(new, new_run)
     agg_a = {r["example_id"]: r for r in store.aggregate_scores(a["id"])}
     agg_b = {r["example_id"]: r for r in store.aggregate_scores(b["id"])}
     rank_a = {e: i for i, e in enumerate(sorted(agg_a, key=lambda e: agg_a[e]["mean"]), start=1)}
@@ -161,7 +164,10 @@ def check_checkpoint(store: Store, version: str) -> None:
     info = store.version(version)
     if info["checkpoint_path"] and info["checkpoint_sha256"]:
         path = Path(info["checkpoint_path"])
-        if path.exists() and file_sha256(path) != info["checkpoint_sha256"]:
+        if not path.exists():
+            raise InfluenceStoreError(f"checkpoint {str(path)!r} of model version {version!r} is missing; restore it "
+                                      f"or register the model again as a new version")
+        if file_sha256(path) != info["checkpoint_sha256"]:
             raise InfluenceStoreError(f"checkpoint {str(path)!r} of model version {version!r} changed since it was "
                                       f"registered; register the new file as a new version")
 

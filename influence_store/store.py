@@ -13,9 +13,11 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from importlib import resources
+from itertools import chain, islice, repeat
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+import numpy as np
 from sqlalchemy import case, create_engine, event, func, select, text, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DatabaseError, OperationalError
@@ -65,8 +67,13 @@ class Store:
         self.is_sqlite = make_url(self.url).get_backend_name() == "sqlite"
         if self.is_sqlite:
             self.path = Path(make_url(self.url).database or "")
-            self._check_sqlite_path(create)
+            try:
+                self._check_sqlite_path(create)
+            except OSError as exc:  # e.g. a folder on the way that this user may not enter
+                raise InfluenceStoreError(f"cannot use store {str(self.path)!r}: {exc.strerror}; "
+                                          f"choose another --db path") from None
         self.engine = self._engine()
+        self._run_example_ids: dict[int, dict[str, set[int]]] = {}  # see _check_chunk_ids
         self._check_readable()
         if upgrade:
             self.upgrade()
@@ -121,6 +128,10 @@ class Store:
             with self.engine.connect() as connection:
                 connection.exec_driver_sql("SELECT count(*) FROM sqlite_master" if self.is_sqlite else "SELECT 1")
         except DatabaseError as exc:
+            if self.is_sqlite and not (os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)):
+                raise InfluenceStoreError(  # SQLite writes its -wal/-shm files beside the store, even to read
+                    f"cannot open store {self.location!r}: it or its folder is read-only ({_reason(exc)}); "
+                    f"make both writable or copy the store to a writable folder") from None
             raise InfluenceStoreError(f"cannot open store {self.location!r}: {_reason(exc)}; "
                                       f"give an influence-store database with --db") from None
 
@@ -400,27 +411,63 @@ class Store:
     def write_chunk(self, run_id: int, chunk_index: int, test_ids: Sequence[int], train_ids: Sequence[int],
                     scores) -> float:
         """Insert one chunk of scores (rows = test_ids, columns = train_ids) and its progress marker
-        in one transaction; returns the seconds spent. A chunk already stored is skipped."""
+        in one transaction; returns the seconds spent. A chunk already stored is skipped.
+
+        Every score of a run passes through here, so on SQLite the rows go in as multi-row INSERTs fed by
+        C-level iterators (no Python loop per score), and the three foreign-key lookups per row are
+        replaced by one check that the ids are this run's examples (benchmarks/bench_store.py: ~4x).
+        """
         started = time.perf_counter()
-        values = scores.tolist() if hasattr(scores, "tolist") else scores
-        with self.engine.begin() as connection:
-            exists = connection.execute(select(RunChunk.chunk_index).where(
-                RunChunk.run_id == run_id, RunChunk.chunk_index == chunk_index)).first()
-            if exists is None:
-                rows = [(run_id, t, j, v) for t, row in zip(test_ids, values) for j, v in zip(train_ids, row)]
-                if self.is_sqlite:
-                    connection.connection.driver_connection.executemany(
-                        "INSERT INTO scores (run_id, test_example_id, train_example_id, score) VALUES (?, ?, ?, ?)",
-                        rows)
-                else:
-                    connection.execute(Score.__table__.insert(), [
-                        {"run_id": r, "test_example_id": t, "train_example_id": j, "score": v} for r, t, j, v in rows])
-                connection.execute(RunChunk.__table__.insert(), {"run_id": run_id, "chunk_index": chunk_index,
-                                                                  "finished_utc": utcnow()})
-                seconds = time.perf_counter() - started
-                connection.execute(update(Run).where(Run.id == run_id).values(
-                    chunks_done=Run.chunks_done + 1, seconds_writing=Run.seconds_writing + seconds))
+        values = np.asarray(scores, dtype=np.float64)
+        if values.shape != (len(test_ids), len(train_ids)):
+            raise InfluenceStoreError(f"chunk {chunk_index} of run {run_id}: scores have shape {values.shape}, "
+                                      f"expected ({len(test_ids)}, {len(train_ids)})")
+        if not np.isfinite(values).all():
+            raise InfluenceStoreError(f"chunk {chunk_index} of run {run_id} has NaN or infinite scores, so none "
+                                      f"were stored; the inverse-HVP is unstable: increase damping")
+        self._check_chunk_ids(run_id, test_ids, train_ids)
+        columns = (np.repeat(np.asarray(test_ids, dtype=np.int64), len(train_ids)).tolist(),
+                   [int(j) for j in train_ids] * len(test_ids), values.ravel().tolist())
+        with self.engine.connect() as connection:
+            raw = connection.connection.driver_connection if self.is_sqlite else None
+            if raw is not None:
+                raw.execute("PRAGMA foreign_keys=OFF")  # ignored inside a transaction, hence before BEGIN
+            try:
+                with connection.begin():
+                    exists = connection.execute(select(RunChunk.chunk_index).where(
+                        RunChunk.run_id == run_id, RunChunk.chunk_index == chunk_index)).first()
+                    if exists is None:
+                        if raw is not None:
+                            _insert_scores_sqlite(raw, run_id, *columns)
+                        else:
+                            connection.execute(Score.__table__.insert(), [
+                                {"run_id": run_id, "test_example_id": t, "train_example_id": j, "score": v}
+                                for t, j, v in zip(*columns)])
+                        connection.execute(RunChunk.__table__.insert(), {
+                            "run_id": run_id, "chunk_index": chunk_index, "finished_utc": utcnow()})
+                        seconds = time.perf_counter() - started
+                        connection.execute(update(Run).where(Run.id == run_id).values(
+                            chunks_done=Run.chunks_done + 1, seconds_writing=Run.seconds_writing + seconds))
+            finally:
+                if raw is not None:
+                    raw.execute("PRAGMA foreign_keys=ON")
         return time.perf_counter() - started
+
+    def _check_chunk_ids(self, run_id: int, test_ids: Sequence[int], train_ids: Sequence[int]) -> None:
+        """What the foreign keys would catch, and more: every id is one of this run's examples, once."""
+        if run_id not in self._run_example_ids:  # a run's examples never change: read them once
+            with self.engine.connect() as connection:
+                rows = connection.execute(select(RunExample.split, RunExample.example_id).where(
+                    RunExample.run_id == run_id)).all()
+            if not rows:
+                raise InfluenceStoreError(f"no run {run_id} with examples in {self.location!r}")
+            self._run_example_ids[run_id] = {split: {e for s, e in rows if s == split} for split in ("train", "test")}
+        known = self._run_example_ids[run_id]
+        for split, ids in (("test", test_ids), ("train", train_ids)):
+            unique = set(ids)
+            if len(unique) != len(ids) or not unique <= known[split]:
+                raise InfluenceStoreError(f"chunk of run {run_id}: {split} example ids repeat or are not the "
+                                          f"run's {split} examples")
 
     def write_self_influence(self, run_id: int, values: Sequence[float]) -> None:
         with self.engine.begin() as connection:
@@ -628,30 +675,41 @@ class Store:
             return created
 
     def removed_in_lineage(self, version: str) -> dict[tuple[str, str], dict]:
-        """(key, content hash) -> applied proposal, for removals applied in ``version`` or its ancestors."""
+        """(key, content hash) -> applied proposal, for removals applied in ``version`` or its ancestors.
+
+        A version not registered yet has no known lineage, so every applied removal counts: a model
+        retrained on the uncurated data under a new name must not bring removed examples back silently.
+        """
         with self.session() as s:
             lineage, current = [], s.scalar(select(ModelVersion).where(ModelVersion.name == version))
             while current is not None and current.id not in lineage:
                 lineage.append(current.id)
                 current = s.get(ModelVersion, current.parent_id) if current.parent_id else None
-            if not lineage:
-                return {}
-            rows = s.execute(select(Proposal, Example.key, Example.content_hash)
-                             .join(Example, Example.id == Proposal.example_id)
-                             .where(Proposal.status == "applied", Proposal.applied_version_id.in_(lineage))).all()
+            query = (select(Proposal, Example.key, Example.content_hash)
+                     .join(Example, Example.id == Proposal.example_id).where(Proposal.status == "applied"))
+            if lineage:
+                query = query.where(Proposal.applied_version_id.in_(lineage))
+            rows = s.execute(query).all()
             return {(key, h): _proposal_dict(p) for p, key, h in rows}
 
     def latest_done_run(self, version: str, run_id: int | None = None) -> dict:
         """The newest finished run of a model version (or the given run, checked to belong to it)."""
+        self.version(version)  # unknown version -> its own message (outside the session: no nested transaction)
         with self.session() as s:
             query = (select(Run).join(ModelVersion, ModelVersion.id == Run.model_version_id)
                      .where(ModelVersion.name == version, Run.status == "done").order_by(Run.id.desc()).limit(1))
             run = s.scalar(query) if run_id is None else self._get_run(s, run_id)
             if run is None:
-                self.version(version)  # unknown version -> its own message
                 raise InfluenceStoreError(f"model version {version!r} has no finished run; run "
                                           f"`influence-store run TASK --model-version {version}` first")
-            return _run_dict(run, s)
+            found = _run_dict(run, s)
+        if found["model_version"] != version:
+            raise InfluenceStoreError(f"run {found['id']} belongs to model version {found['model_version']!r}, "
+                                      f"not {version!r}; see `influence-store runs list`")
+        if found["status"] != "done":
+            raise InfluenceStoreError(f"run {found['id']} is {found['status']}; finish it first "
+                                      f"(influence-store run --resume {found['id']})")
+        return found
 
     def add_verification(self, **values: Any) -> int:
         with self.session() as s:
@@ -684,6 +742,23 @@ class Store:
         return {name: [{"key": examples[e]["key"], "example_id": e, "score": score,
                         "label": examples[e]["label"], "loss": info[e]["loss"]} for e, score in rows]
                 for name, rows in groups.items()}
+
+
+ROWS_PER_INSERT = 249  # 996 bound values: under the 999 that SQLite before 3.32 allows per statement
+
+
+def _insert_scores_sqlite(raw: sqlite3.Connection, run_id: int, test_col: list, train_col: list,
+                          score_col: list) -> None:
+    """Insert score rows with ``INSERT ... VALUES (..), (..), ...`` statements of ROWS_PER_INSERT rows:
+    a fraction of the per-row cost of one-row executemany, and every float is bound exactly."""
+    flat = chain.from_iterable(zip(repeat(run_id), test_col, train_col, score_col))
+    full, rest = divmod(len(score_col), ROWS_PER_INSERT)
+    sql = "INSERT INTO scores (run_id, test_example_id, train_example_id, score) VALUES "
+    if full:  # islice: zip must not swallow the rows of the last, shorter statement
+        head = islice(flat, 4 * ROWS_PER_INSERT * full)
+        raw.executemany(sql + ", ".join(["(?, ?, ?, ?)"] * ROWS_PER_INSERT), zip(*[head] * (4 * ROWS_PER_INSERT)))
+    if rest:
+        raw.execute(sql + ", ".join(["(?, ?, ?, ?)"] * rest), tuple(flat))
 
 
 def _run_dict(run: Run, s: Session | None = None) -> dict:
