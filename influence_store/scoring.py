@@ -87,11 +87,13 @@ class ScoreComputation:
 
     def self_influence(self) -> Tensor:
         """``g_i^T (H + ridge)^-1 g_i`` for every training example, float64 [n_train]."""
-        # Stream the chunks (never a list of them): over the budget only one chunk is held at a time.
+        # Stream the gradient chunks (never a list of them), and hand the approximator slices no larger
+        # than a test chunk's share: an inverse-HVP needs several times the memory of its input vectors.
         chunks = math.ceil(self.n_train / self.model.chunk_size(self.model.num_params))
+        step = self.model.chunk_size(self.model.num_params * 6, cap=1024)
         out = []
         for _, g in _progress(self.train_grads(), self.progress, "self-influence", total=chunks):
-            out.append(_dot_rows(self._inverse_hvp(g), g))
+            out.extend(_dot_rows(self._inverse_hvp(piece), piece) for piece in g.split(step))
         return torch.cat(out)
 
     def train_grads(self) -> Iterator[tuple[list[int], Tensor]]:

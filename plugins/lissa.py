@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from influence_store.approximators import Approximator
 from influence_store.errors import InfluenceStoreError
 from influence_store.hookspecs import hookimpl
@@ -93,6 +91,8 @@ class LiSSA(Approximator):
 
     def _top_eigenvalue(self, iterations: int = 50) -> float:
         """Power iteration on the full training Hessian; stops once the estimate settles."""
+        import torch
+
         generator = torch.Generator().manual_seed(self.seed)
         v = torch.randn(1, self.model.num_params, generator=generator, dtype=torch.float64)
         v = (v / v.norm()).to(self.model.dtype)
@@ -112,53 +112,86 @@ class LiSSA(Approximator):
         return abs(estimate)
 
     def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        import torch
+
         o = self.options
         v = vectors.to(self.model.device, self.model.dtype)
         stream = self.model.batch_stream(o.batch_size, torch.Generator().manual_seed(self.seed))
+        recursion = self._fixed_depth if self.steps is not None else self._until_settled
         total = torch.zeros_like(v)
         for _ in range(o.num_samples):
-            total += self._recursion(v, stream) / self.scale
+            total += recursion(v, stream) / self.scale
         return total / o.num_samples
 
-    def _recursion(self, v: torch.Tensor, stream) -> torch.Tensor:
-        o = self.options
+    def _fixed_depth(self, v: torch.Tensor, stream) -> torch.Tensor:
         v_norm = v.norm(dim=1).clamp_min(1e-30)
-        h = v.clone()
-        trace = self.diagnostics.setdefault("norm_trace", [])
-        converge = self.steps is None
-        window = max(10, self.model.num_batches(o.batch_size))
-        limit = o.max_iters if converge else self.steps
-        window_sum, window_len, previous_mean = torch.zeros_like(h), 0, None
-        for step in range(1, limit + 1):
-            h = v + (1 - o.damping) * h - self.model.hvp(h, next(stream)) / self.scale
-            norms = h.norm(dim=1)
-            if not torch.isfinite(norms).all() or (norms > 10 * (step + 1) * v_norm).any():
-                raise InfluenceStoreError(
-                    f"LiSSA diverged at step {step} (estimate norm {float(norms.max()):.3g}); the Hessian's top "
-                    f"eigenvalue exceeds scale={self.scale:g}: use a larger scale (e.g. -o scale "
-                    f"{10 * self.scale:g}) or -o scale auto")
-            if len(trace) < 1000 and (step <= 10 or step % max(1, limit // 100) == 0):
-                trace.append([step, float((norms / v_norm).mean()) / self.scale])
-            if converge:
-                # Mean of consecutive windows of iterates; the window doubles each time the mean still
-                # moves, which averages out the batch noise once the bias has decayed.
-                window_sum += h
-                window_len += 1
-                if window_len == window:
-                    mean = window_sum / window
-                    if previous_mean is not None:
-                        change = float((mean - previous_mean).norm() / mean.norm().clamp_min(1e-30))
-                        self.diagnostics.setdefault("window_changes", []).append([step, change])
-                        if change < o.tol:
-                            self.diagnostics.update(converged=True, steps_run=step, final_change=change)
-                            return mean
-                        window *= 2
-                    previous_mean, window_sum, window_len = mean, torch.zeros_like(h), 0
-        if converge:
-            self.diagnostics.update(converged=False, steps_run=limit)
-            return previous_mean if previous_mean is not None else h
+        h = v
+        for step in range(1, self.steps + 1):
+            h = self._step(h, v, v_norm, next(stream), step, self.steps)
         self.diagnostics["steps_run"] = self.steps
         return h
+
+    def _until_settled(self, v: torch.Tensor, stream) -> torch.Tensor:
+        """Iterate until each row's window mean settles, and return those means.
+
+        Windows end at steps W, 2W, 4W, ... (a window doubles while its mean still moves, which
+        averages out the batch noise once the bias has decayed). A row stops at the first boundary
+        where its own mean changed by less than ``tol``, so its estimate depends only on its own
+        iterates, never on which other vectors share the call.
+        """
+        import torch
+
+        o = self.options
+        result = torch.empty_like(v)
+        rows = torch.arange(len(v), device=v.device)
+        v_norm = v.norm(dim=1).clamp_min(1e-30)
+        h, window_sum, previous = v, torch.zeros_like(v), None
+        window_start, boundary = 0, max(10, self.model.num_batches(o.batch_size))
+        changes = self.diagnostics.setdefault("window_changes", [])
+        for step in range(1, o.max_iters + 1):
+            h = self._step(h, v, v_norm, next(stream), step, o.max_iters)
+            window_sum += h
+            if step < boundary:
+                continue
+            mean = window_sum / (step - window_start)
+            if previous is not None:
+                change = (mean - previous).norm(dim=1) / mean.norm(dim=1).clamp_min(1e-30)
+                if len(changes) < 1000:
+                    changes.append([step, float(change.max())])
+                done = change < o.tol
+                result[rows[done]] = mean[done]
+                if done.all():
+                    self._record_depth(step, converged=True)
+                    return result
+                keep = ~done
+                rows, v, v_norm, h, mean = rows[keep], v[keep], v_norm[keep], h[keep], mean[keep]
+            previous, window_sum = mean, torch.zeros_like(h)
+            window_start, boundary = step, 2 * step
+        result[rows] = previous if previous is not None else h
+        self._record_depth(o.max_iters, converged=False)
+        return result
+
+    def _step(self, h, v, v_norm, batch, step: int, limit: int) -> torch.Tensor:
+        """``h <- v + (1 - damping) h - H_batch h / scale``, stopping on divergence."""
+        import torch
+
+        h = v + (1 - self.options.damping) * h - self.model.hvp(h, batch) / self.scale
+        norms = h.norm(dim=1)
+        # Every iterate of a convergent recursion has norm <= (step + 1) |v|; far above that it diverges.
+        if not torch.isfinite(norms).all() or (norms > 10 * (step + 1) * v_norm).any():
+            raise InfluenceStoreError(
+                f"LiSSA diverged at step {step} (estimate norm {float(norms.max()):.3g}); the Hessian's top "
+                f"eigenvalue exceeds scale={self.scale:g}: use a larger scale (e.g. -o scale "
+                f"{10 * self.scale:g}) or -o scale auto")
+        trace = self.diagnostics.setdefault("norm_trace", [])
+        if len(trace) < 1000 and (step <= 10 or step % max(1, limit // 100) == 0):
+            trace.append([step, float((norms / v_norm).mean()) / self.scale])
+        return h
+
+    def _record_depth(self, steps: int, converged: bool) -> None:
+        """Across calls: the most steps any call ran, and whether every call converged."""
+        self.diagnostics["steps_run"] = max(steps, self.diagnostics.get("steps_run", 0))
+        self.diagnostics["converged"] = converged and self.diagnostics.get("converged", True)
 
 
 @hookimpl

@@ -1,0 +1,152 @@
+"""Per-example gradients and HVPs against plain autograd on a small MLP."""
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import influence_store as ist
+from influence_store.gradients import TrackedModel
+from tasks import ce_loss
+
+
+class TinyMLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = torch.nn.Linear(4, 5)
+        self.out = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(x)))
+
+
+def mlp_task(l2=0.05, n_train=12, loss=ce_loss):
+    torch.manual_seed(0)
+    model = TinyMLP().double()
+    x = torch.randn(n_train + 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (n_train + 4,))
+    return ist.Task(model, loss, TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:]),
+                    l2=l2)
+
+
+def flat_loss(task, flat, indices):
+    """Mean training loss as a function of the flat parameter vector, built without influence_store."""
+    names = [n for n, _ in task.model.named_parameters()]
+    shapes = [p.shape for _, p in task.model.named_parameters()]
+    pieces = torch.split(flat, [s.numel() for s in shapes])
+    params = {n: piece.view(s) for n, piece, s in zip(names, pieces, shapes)}
+    x, y = task.train.tensors
+    logits = torch.func.functional_call(task.model, params, (x[indices],))
+    return torch.nn.functional.cross_entropy(logits, y[indices])
+
+
+def autograd_flat(task):
+    return torch.cat([p.detach().reshape(-1) for p in task.model.parameters()])
+
+
+def test_hvp_equals_autograd_hessian_times_v():
+    task = mlp_task()
+    tracked = TrackedModel(task, [n for n, _ in task.model.named_parameters()])
+    theta = autograd_flat(task)
+    p = theta.numel()
+    vectors = torch.randn(3, p, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    subset = [0, 3, 4, 7, 11]
+
+    for indices in (None, subset):
+        idx = list(range(len(task.train))) if indices is None else subset
+        hessian = torch.autograd.functional.hessian(lambda t: flat_loss(task, t, idx), theta)
+        expected = vectors @ (hessian + task.l2 * torch.eye(p, dtype=torch.float64)).T
+        torch.testing.assert_close(tracked.hvp(vectors, indices), expected, rtol=1e-10, atol=1e-12)
+
+    hessian = torch.autograd.functional.hessian(lambda t: flat_loss(task, t, list(range(12))), theta)
+    torch.testing.assert_close(tracked.dense_hessian(), hessian + task.l2 * torch.eye(p, dtype=torch.float64),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_hvp_is_chunked_like_one_batch():
+    """A tiny memory budget splits the HVP over many chunks; the mean must not change."""
+    task = mlp_task(n_train=40)
+    names = [n for n, _ in task.model.named_parameters()]
+    v = torch.randn(2, sum(p.numel() for p in task.model.parameters()), dtype=torch.float64)
+    whole = TrackedModel(task, names).hvp(v)
+    tiny = TrackedModel(task, names, memory_budget_mb=1e-4)
+    assert tiny.chunk_size(tiny.num_params * 4) < 40
+    torch.testing.assert_close(tiny.hvp(v), whole, rtol=1e-12, atol=1e-14)
+
+
+def per_example_autograd_loop(task, split):
+    x, y = getattr(task, split).tensors
+    rows = []
+    for i in range(len(x)):
+        task.model.zero_grad()
+        ce_loss(task.model, (x[i:i + 1], y[i:i + 1])).sum().backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in task.model.parameters()]))
+    task.model.zero_grad(set_to_none=True)
+    return torch.stack(rows)
+
+
+def test_per_example_grads_equal_autograd_loop():
+    task = mlp_task()
+    tracked = TrackedModel(task, [n for n, _ in task.model.named_parameters()], memory_budget_mb=1e-3)
+    chunks = list(tracked.grad_chunks("train"))
+    assert len(chunks) > 1  # the budget forces several chunks
+    assert [i for idx, _ in chunks for i in idx] == list(range(len(task.train)))
+    grads = torch.cat([g for _, g in chunks])
+    torch.testing.assert_close(grads, per_example_autograd_loop(task, "train"), rtol=1e-10, atol=1e-12)
+    assert tracked.grad_strategy == "vmap" and tracked.notes == []
+
+
+def item_loss(model, batch):
+    """A loss vmap cannot trace (it reads a Python number out of a tensor)."""
+    x, y = batch
+    losses = ce_loss(model, (x, y))
+    return losses * (1.0 if float(losses.detach().sum().item()) >= 0 else -1.0)
+
+
+def test_loop_fallback_gives_the_same_gradients_and_says_so():
+    task = mlp_task(loss=item_loss)
+    tracked = TrackedModel(task, [n for n, _ in task.model.named_parameters()])
+    grads = tracked.per_example_grads("test", range(len(task.test)))
+    assert tracked.grad_strategy == "loop"
+    assert "per-example loop" in tracked.notes[0]
+    torch.testing.assert_close(grads, per_example_autograd_loop(task, "test"), rtol=1e-10, atol=1e-12)
+
+
+def test_tracked_subset_and_unused_parameters_get_zero_gradients():
+    """Gradients cover only the tracked names, in their order; a parameter the loss never uses is zeros."""
+    task = mlp_task()
+    task.model.unused = torch.nn.Linear(2, 2).double()
+    tracked = TrackedModel(task, ["out.weight", "unused.bias"])
+    grads = tracked.per_example_grads("train", [0, 1, 2])
+    full = per_example_autograd_loop_named(task, [0, 1, 2])
+    torch.testing.assert_close(grads[:, :15], full["out.weight"], rtol=1e-10, atol=1e-12)
+    assert torch.equal(grads[:, 15:], torch.zeros(3, 2, dtype=torch.float64))
+    torch.testing.assert_close(tracked._single_grad(tracked.batch("train", [0]))[:15], full["out.weight"][0])
+
+
+def per_example_autograd_loop_named(task, indices):
+    x, y = task.train.tensors
+    rows = []
+    for i in indices:
+        (g,) = torch.autograd.grad(ce_loss(task.model, (x[i:i + 1], y[i:i + 1])).sum(), task.model.out.weight)
+        rows.append(g.reshape(-1))
+    return {"out.weight": torch.stack(rows)}
+
+
+def test_model_is_used_in_eval_mode_and_restored():
+    """Dropout must be off while computing gradients, and the user's training flag comes back."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3)).double()
+    model.train()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    task = ist.Task(model, ce_loss, TensorDataset(x, y), TensorDataset(x, y))
+    tracked = TrackedModel(task, [n for n, _ in model.named_parameters()])
+    first = tracked.per_example_grads("train", range(6))
+    torch.testing.assert_close(tracked.per_example_grads("train", range(6)), first, rtol=0, atol=0)
+    assert model.training
+
+
+@pytest.mark.parametrize("missing", [["nope.weight"], []])
+def test_tracked_names_are_checked(missing):
+    task = mlp_task()
+    with pytest.raises(ist.InfluenceStoreError):
+        TrackedModel(task, missing)
