@@ -61,3 +61,14 @@ def policies(with_options, fmt):
     Example: influence-store policies --options
     """
     _implementations("register_freezing_policies", with_options, fmt, "-f")
+
+
+@cli.command()
+@click.option("--options", "with_options", is_flag=True, help="Show each loader's -t options.")
+@output_options
+def loaders(with_options, fmt):
+    """List task loaders (the LOADER: prefix of a task spec) and their -t options.
+
+    Example: influence-store loaders --options
+    """
+    _implementations("register_task_loaders", with_options, fmt, "-t")

@@ -30,8 +30,14 @@ def open_store(db, **kwargs):
 
 
 def pairs(values) -> dict:
-    """``-o KEY VALUE`` pairs -> dict (a repeated key keeps the last value)."""
-    return {k: v for k, v in values}
+    """``-o KEY VALUE`` pairs -> dict; a repeated key collects its values in a list (``-f patterns a -f patterns b``)."""
+    out: dict = {}
+    for key, value in values:
+        if key in out:
+            out[key] = (out[key] if isinstance(out[key], list) else [out[key]]) + [value]
+        else:
+            out[key] = value
+    return out
 
 
 @cli.command()
