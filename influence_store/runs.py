@@ -80,11 +80,18 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
     started = time.perf_counter()
     if resume is not None:
         previous = store.run(resume)
-        spec, task_options = previous["task_spec"], previous["task_options"]
+        # The fingerprint hashes what was asked for (dtype None, chunk size None = automatic), not what it
+        # resolved to, so resume from the stored request; runs stored without one fall back to the settings.
+        asked = previous["settings"].get("requested") or {}
+        if not isinstance(spec, Task):  # a Python caller resumes with its own Task object
+            spec, task_options = previous["task_spec"], previous["task_options"]
         approximator, options = previous["approximator"], previous["options"]
         freeze, freeze_options = previous["freeze"], previous["freeze_options"]
         seed, device = previous["seed"], previous["device"]
-        dtype, test_chunk_size = previous["settings"]["dtype"], previous["settings"]["test_chunk_size"]
+        dtype = asked.get("dtype", previous["settings"]["dtype"])
+        test_chunk_size = asked.get("test_chunk_size", previous["settings"]["test_chunk_size"])
+        memory_budget_mb = asked.get("memory_budget_mb", memory_budget_mb)
+        self_influence = asked.get("self_influence", self_influence)
         model_version, dataset = previous["model_version"], previous["train_dataset"]
     task = spec if isinstance(spec, Task) else load_task(spec, task_options)
     spec_text = _portable_spec(spec) if isinstance(spec, str) else f"<python object {task.name or 'Task'}>"
@@ -103,6 +110,8 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
                 f"{len(back)} training examples of model version {model_version!r} were removed by applied proposals "
                 f"(e.g. {back[0]!r}, proposal {removed[next(k for k in removed if k[0] == back[0])]['id']}); train on "
                 f"the exported data, or pass --allow-removed to score them anyway")
+    requested = {"dtype": dtype, "test_chunk_size": test_chunk_size, "memory_budget_mb": memory_budget_mb,
+                 "self_influence": self_influence}  # stored with the run, so --resume can rebuild the identity
     identity = {
         "weights": weights, "model_version": model_version, "approximator": approximator, "options": parsed,
         "freeze": freeze, "freeze_options": freeze_options or {}, "tracked": tracked, "seed": seed,
@@ -128,7 +137,8 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
             version_name=model_version, weights_sha256=weights, train_dataset=dataset,
             test_dataset=f"{dataset}/test", train_rows=train_rows, test_rows=test_rows,
             train_losses=computation.train_losses.tolist(), test_losses=computation.test_losses.tolist(),
-            task_spec=spec_text, task_options=task_options or {}, settings=computation.settings,
+            task_spec=spec_text, task_options=task_options or {},
+            settings={**computation.settings, "requested": requested},
             settings_fingerprint=fingerprint, chunks_total=computation.num_chunks)
         outcome = "computed"
     else:

@@ -1,0 +1,137 @@
+"""Alembic history of the store: blank -> head, every earlier revision -> head with its data kept,
+models match migrations, one linear history."""
+
+import sqlite3
+from importlib import resources
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine
+
+from influence_store.schema import Base
+from influence_store.store import Store
+
+
+def alembic_config(connection=None) -> Config:
+    """Built here, not borrowed from the store, so the test checks what ships in the package."""
+    config = Config()
+    config.set_main_option("script_location", str(resources.files("influence_store.migrations")))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+SCRIPTS = ScriptDirectory.from_config(alembic_config())
+HEAD = SCRIPTS.get_current_head()
+OLDEST_FIRST = [rev.revision for rev in reversed(list(SCRIPTS.walk_revisions()))]
+
+# Rows written with raw SQL at the revision that introduced their tables. A new revision that changes
+# one of these tables must keep this data readable (and may add its own rows here).
+ROWS_AT = {
+    "0001": [
+        "INSERT INTO datasets (id, name, created_utc) VALUES (1, 'train-set', '2026-01-01T00:00:00+00:00'), "
+        "(2, 'train-set/test', '2026-01-01T00:00:00+00:00')",
+        "INSERT INTO examples (id, dataset_id, key, content_hash, label_json, payload_json) VALUES "
+        "(1, 1, 'tr-a', 'ha', '0', '{\"x\": 1}'), (2, 1, 'tr-b', 'hb', '1', '{\"x\": 2}'), "
+        "(3, 2, 'te-a', 'hc', '1', '{\"x\": 3}')",
+        "INSERT INTO model_versions (id, name, parent_id, checkpoint_path, checkpoint_sha256, weights_sha256, "
+        "dataset_id, created_utc, notes) VALUES (1, 'v1', NULL, NULL, NULL, 'w1', 1, '2026-01-01T00:00:00+00:00', "
+        "'first')",
+        "INSERT INTO runs (id, model_version_id, train_dataset_id, test_dataset_id, task_spec, task_options_json, "
+        "approximator, options_json, freeze, freeze_options_json, tracked_fingerprint, num_params, seed, "
+        "effective_damping, sign_convention, versions_json, device, settings_json, settings_fingerprint, status, "
+        "n_train, n_test, chunks_total, chunks_done, created_utc, started_utc, finished_utc, seconds_total, "
+        "seconds_writing, error, diagnostics_json) VALUES (1, 1, 1, 2, 'task.py:task', '{}', 'exact', "
+        "'{\"damping\": 0.001}', 'all', '{}', 'fp', 31, 0, 0.001, 'positive = helpful', '{\"torch\": \"2\"}', "
+        "'cpu', '{}', 'settings-fp', 'done', 2, 1, 1, 1, '2026-01-01T00:00:00+00:00', "
+        "'2026-01-01T00:00:00+00:00', '2026-01-01T00:00:01+00:00', 1.5, 0.25, NULL, '{}')",
+        "INSERT INTO run_examples (run_id, split, position, example_id, loss, self_influence) VALUES "
+        "(1, 'train', 0, 1, 0.5, 2.0), (1, 'train', 1, 2, 0.25, 3.0), (1, 'test', 0, 3, 0.75, NULL)",
+        "INSERT INTO run_chunks (run_id, chunk_index, finished_utc) VALUES (1, 0, '2026-01-01T00:00:01+00:00')",
+        "INSERT INTO scores (run_id, test_example_id, train_example_id, score) VALUES "
+        "(1, 3, 1, 0.1000000000000000055511151231257827), (1, 3, 2, -2.5e-300)",
+    ],
+    "0002": [
+        "INSERT INTO proposals (id, run_id, example_id, rule, rule_options_json, rank, evidence_json, status, "
+        "reviewer, note, applied_version_id, created_utc, updated_utc) VALUES (1, 1, 2, 'harmful', '{}', 1, "
+        "'{\"score\": -2.5e-300}', 'accepted', 'ann', 'mislabeled', NULL, '2026-01-02T00:00:00+00:00', "
+        "'2026-01-02T00:00:00+00:00')",
+        "INSERT INTO proposal_events (id, proposal_id, from_status, to_status, actor, note, created_utc) VALUES "
+        "(1, 1, 'proposed', 'accepted', 'ann', 'mislabeled', '2026-01-02T00:00:00+00:00')",
+    ],
+}
+
+
+def upgrade(path, revision: str) -> None:
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), revision)
+    engine.dispose()
+
+
+def table_rows(path) -> dict[str, list[tuple]]:
+    """Every row of every table (sorted), read with plain sqlite3."""
+    with sqlite3.connect(path) as connection:
+        tables = [t for (t,) in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'alembic_version'")]
+        return {t: sorted(connection.execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in tables}
+
+
+def test_history_is_linear_with_exactly_one_head():
+    assert SCRIPTS.get_heads() == [HEAD]
+    assert SCRIPTS.get_bases() == [OLDEST_FIRST[0]]
+    for rev in SCRIPTS.walk_revisions():
+        assert not isinstance(rev.down_revision, (tuple, list)), f"{rev.revision} is a merge revision"
+        assert not rev.branch_labels
+
+
+def test_blank_database_upgrades_to_head(tmp_path):
+    store = Store(str(tmp_path / "blank.db"))
+    assert store.revision() == HEAD
+    with sqlite3.connect(tmp_path / "blank.db") as connection:
+        tables = {t for (t,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert tables == set(Base.metadata.tables) | {"alembic_version"}
+    with store.engine.connect() as connection:  # the store's own connections enforce foreign keys
+        assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+def test_models_match_migrations(tmp_path):
+    """Autogenerate finds nothing to do: schema.py and the revisions describe the same tables."""
+    store = Store(str(tmp_path / "head.db"))
+    with store.engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True, "render_as_batch": True})
+        assert compare_metadata(context, Base.metadata) == []
+
+
+@pytest.mark.parametrize("revision", [r for r in OLDEST_FIRST if r != HEAD])
+def test_earlier_revision_upgrades_to_head_keeping_its_data(tmp_path, revision):
+    """Rows written at 0001 (and at each later revision up to ``revision``) survive the upgrade bit for bit
+    and are readable through the store's verbs."""
+    path = tmp_path / f"at-{revision}.db"
+    for rev in OLDEST_FIRST[:OLDEST_FIRST.index(revision) + 1]:
+        upgrade(path, rev)
+        with sqlite3.connect(path) as connection:
+            for statement in ROWS_AT.get(rev, []):
+                connection.execute(statement)
+    before = table_rows(path)
+
+    store = Store(str(path))  # migrate on open
+
+    assert store.revision() == HEAD
+    after = table_rows(path)
+    for table, rows in before.items():
+        assert after[table] == rows, f"rows of {table} changed in the upgrade from {revision}"
+    run = store.run(1)
+    assert (run["status"], run["approximator"], run["options"], run["model_version"]) == (
+        "done", "exact", {"damping": 0.001}, "v1")
+    assert store.version("v1")["notes"] == "first"
+    top = store.top_scores(1, "te-a", 2)
+    assert [(r["key"], r["score"]) for r in top["helpful"]] == [("tr-a", 0.1), ("tr-b", -2.5e-300)]
+    assert [r["key"] for r in store.self_influence(1)] == ["tr-b", "tr-a"]
+    if "0002" in OLDEST_FIRST[:OLDEST_FIRST.index(revision) + 1]:
+        assert [(p["status"], p["reviewer"]) for p in store.proposals()] == [("accepted", "ann")]
