@@ -105,12 +105,25 @@ def run_share(folder: Path, task, approximator: str, options: dict) -> dict:
     """One run of a loaded task through execute_run into a fresh store; the store's share of its seconds."""
     from influence_store.runs import execute_run
 
+    from influence_store.scoring import compute_scores
+
+    # Baseline in the same process: the same computation with nothing stored.
+    started = time.perf_counter()
+    computation = compute_scores(task, approximator, options)
+    for _ in computation.chunks():
+        pass
+    computation.self_influence()
+    compute_s = time.perf_counter() - started
+
     store = Store(str(folder / f"run-{approximator}.db"))
+    started = time.perf_counter()
     result = execute_run(store, task, approximator=approximator, options=options)
+    wall_s = time.perf_counter() - started
     run = store.run(result.run_id)
     n = run["n_train"] * run["n_test"]
-    return {"approximator": approximator, "scores": n, "run_s": run["seconds_total"],
-            "writing_s": run["seconds_writing"], "share": run["seconds_writing"] / run["seconds_total"],
+    overhead = max(0.0, wall_s - compute_s)
+    return {"approximator": approximator, "scores": n, "run_s": wall_s, "compute_s": compute_s,
+            "writing_s": run["seconds_writing"], "overhead_s": overhead, "share": overhead / wall_s,
             "in_run_per_s": n / run["seconds_writing"]}
 
 
@@ -143,9 +156,10 @@ def main() -> None:
         print(f"   loading the task (training the model, not part of a run): {time.perf_counter() - loading:.1f} s")
         for approximator, options in (("exact", {"damping": 0.001}), ("lissa", {})):
             r = run_share(folder, task, approximator, options)
-            print(f"   {approximator:<6} run {r['run_s']:.1f} s, writing {r['writing_s']:.2f} s = "
-                  f"{100 * r['share']:.1f}% of the run ({r['in_run_per_s']:,.0f} scores/s); "
-                  f"goal <= 10%: {'met' if r['share'] <= 0.10 else 'NOT met'}")
+            print(f"   {approximator:<6} run {r['run_s']:.1f} s vs {r['compute_s']:.1f} s computing without a store: "
+                  f"the store adds {r['overhead_s']:.2f} s = {100 * r['share']:.1f}% of the run's wall time "
+                  f"(its writer thread was busy {r['writing_s']:.2f} s, {r['in_run_per_s']:,.0f} scores/s, mostly "
+                  f"overlapped with computation); goal <= 10%: {'met' if r['share'] <= 0.10 else 'NOT met'}")
         print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
 

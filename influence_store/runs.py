@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,11 +147,21 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
     store.start_run(run_id)
     try:
         train_ids, test_ids = store.example_ids(run_id, "train"), store.example_ids(run_id, "test")
-        for chunk in computation.chunks(skip=store.done_chunks(run_id)):
-            store.write_chunk(run_id, chunk.index, [test_ids[i] for i in chunk.test_indices], train_ids,
-                              chunk.scores.numpy())
-        if self_influence:
-            store.write_self_influence(run_id, computation.self_influence().tolist())
+        # One writer thread stores chunk i while chunk i+1 is computed (torch releases the GIL), so
+        # persistence hides behind computation. At most one chunk is in flight; a failure in either
+        # thread stops the run, and a chunk already computed is still stored before it stops.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="influence-store-writer") as writer:
+            pending = None
+            for chunk in computation.chunks(skip=store.done_chunks(run_id)):
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(store.write_chunk, run_id, chunk.index,
+                                        [test_ids[i] for i in chunk.test_indices], train_ids, chunk.scores.numpy())
+            values = computation.self_influence().tolist() if self_influence else None
+            if pending is not None:
+                pending.result()
+        if values is not None:
+            store.write_self_influence(run_id, values)
     except BaseException as exc:
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
         store.fail_run(run_id, reason, time.perf_counter() - started)
