@@ -105,15 +105,22 @@ class Task:
 
 def to_jsonable(value: Any) -> Any:
     """Tensors and arrays become lists so an example can be stored and exported as JSON."""
+    if value is None or type(value) in _PLAIN:
+        return value
     if hasattr(value, "tolist"):
         return value.tolist()
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
+        if all(type(v) in _PLAIN for v in value):  # fast path: a flat list of numbers or strings
+            return list(value)
         return [to_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
+    if isinstance(value, (str, int, float, bool)):
         return value
     return repr(value)
+
+
+_PLAIN = {str, int, float, bool}
 
 
 def content_hash(description: Any) -> str:
