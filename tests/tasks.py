@@ -28,6 +28,9 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = L2, init: torch.n
     model = torch.nn.Linear(x.shape[1], 1).double()
     if init is not None:
         model.load_state_dict(init.state_dict())
+    else:  # start at zero: the same weights in every process, so a stored run is found again by its weights
+        torch.nn.init.zeros_(model.weight)
+        torch.nn.init.zeros_(model.bias)
     theta = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()]).clone()
     xb = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
     for _ in range(100):
