@@ -22,6 +22,9 @@ class CLIGroup(click.Group):
             raise
         except InfluenceStoreError as exc:
             raise click.ClickException(str(exc)) from None
+        except BrokenPipeError:  # `influence-store ... | head`: the reader left, which is not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(0) from None
         except Exception as exc:
             if os.environ.get("INFLUENCE_STORE_DEBUG"):
                 raise
