@@ -73,6 +73,7 @@ class Store:
                 raise InfluenceStoreError(f"cannot use store {str(self.path)!r}: {exc.strerror}; "
                                           f"choose another --db path") from None
         self.engine = self._engine()
+        self.reader = self.engine.execution_options(influence_store_read_only=True)
         self._run_example_ids: dict[int, dict[str, set[int]]] = {}  # see _check_chunk_ids
         self._check_readable()
         if upgrade:
@@ -118,8 +119,10 @@ class Store:
 
         @event.listens_for(engine, "begin")
         def _begin(connection):
-            # BEGIN IMMEDIATE: a writer waits for the lock up front instead of failing mid-transaction.
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # A writer takes the lock up front (BEGIN IMMEDIATE) instead of failing mid-transaction;
+            # a reader (self.reader) starts a plain snapshot and never waits for, or blocks, a writer.
+            read_only = connection.get_execution_options().get("influence_store_read_only")
+            connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
 
@@ -167,10 +170,11 @@ class Store:
                 connection.exec_driver_sql("PRAGMA journal_mode=WAL")
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """A transaction: committed on success, rolled back on any error."""
+    def session(self, read: bool = False) -> Iterator[Session]:
+        """A transaction: committed on success, rolled back on any error; ``read=True`` for verbs that
+        only read (they then neither wait for nor block a writing process)."""
         try:
-            with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            with Session(self.reader if read else self.engine, expire_on_commit=False) as session, session.begin():
                 yield session
         except OperationalError as exc:
             raise InfluenceStoreError(f"store {self.location!r}: {_reason(exc)}") from None
@@ -195,7 +199,7 @@ class Store:
 
     def status(self) -> dict[str, Any]:
         """Schema revision and row counts, for ``db status``."""
-        with self.session() as s:
+        with self.session(read=True) as s:
             counts = {model.__tablename__: s.scalar(select(func.count()).select_from(model))
                       for model in (Dataset, Example, ModelVersion, Run, Score, Proposal, Verification)}
         return {"location": self.location, "url": self.url, "revision": self.revision(),
@@ -213,7 +217,7 @@ class Store:
         return found
 
     def require_dataset(self, name: str) -> int:
-        with self.session() as s:
+        with self.session(read=True) as s:
             found = self.dataset_id(s, name, create=False)
             if found is None:
                 names = s.scalars(select(Dataset.name).order_by(Dataset.name)).all()
@@ -237,7 +241,7 @@ class Store:
         """Example id -> {id, key, label, payload, dataset}."""
         ids = list(dict.fromkeys(ids))
         out: dict[int, dict] = {}
-        with self.session() as s:
+        with self.session(read=True) as s:
             for start in range(0, len(ids), 900):
                 for row in s.execute(select(Example, Dataset.name).join(Dataset).where(
                         Example.id.in_(ids[start:start + 900]))):
@@ -250,7 +254,7 @@ class Store:
     # -- model versions ---------------------------------------------------------------------------
 
     def version(self, name: str) -> dict:
-        with self.session() as s:
+        with self.session(read=True) as s:
             found = s.scalar(select(ModelVersion).where(ModelVersion.name == name))
             if found is None:
                 names = s.scalars(select(ModelVersion.name).order_by(ModelVersion.id)).all()
@@ -294,12 +298,12 @@ class Store:
 
     def version_for_weights(self, weights_sha256: str) -> str | None:
         """The oldest model version recorded with exactly these weights, if any."""
-        with self.session() as s:
+        with self.session(read=True) as s:
             return s.scalar(select(ModelVersion.name).where(ModelVersion.weights_sha256 == weights_sha256)
                             .order_by(ModelVersion.id).limit(1))
 
     def versions(self) -> list[dict]:
-        with self.session() as s:
+        with self.session(read=True) as s:
             return [self._version_dict(s, v) for v in s.scalars(select(ModelVersion).order_by(ModelVersion.id))]
 
     # -- runs -------------------------------------------------------------------------------------
@@ -307,7 +311,7 @@ class Store:
     def latest_train_run(self, dataset: str) -> dict:
         """The newest finished run that trained on ``dataset``: its training examples are the data set."""
         dataset_id = self.require_dataset(dataset)
-        with self.session() as s:
+        with self.session(read=True) as s:
             run = s.scalar(select(Run).where(Run.train_dataset_id == dataset_id, Run.status == "done")
                            .order_by(Run.id.desc()).limit(1))
             if run is None:
@@ -316,7 +320,7 @@ class Store:
 
     def find_run(self, settings_fingerprint: str) -> dict | None:
         """The newest run with these exact settings, if any."""
-        with self.session() as s:
+        with self.session(read=True) as s:
             run = s.scalar(select(Run).where(Run.settings_fingerprint == settings_fingerprint)
                            .order_by(Run.id.desc()).limit(1))
             return _run_dict(run) if run else None
@@ -367,7 +371,7 @@ class Store:
             return run.id
 
     def run(self, run_id: int | str) -> dict:
-        with self.session() as s:
+        with self.session(read=True) as s:
             return _run_dict(self._get_run(s, run_id), s)
 
     def _get_run(self, s: Session, run_id: int | str) -> Run:
@@ -384,7 +388,7 @@ class Store:
         return run
 
     def runs(self, version: str | None = None, status: str | None = None) -> list[dict]:
-        with self.session() as s:
+        with self.session(read=True) as s:
             query = select(Run).order_by(Run.id)
             if version is not None:
                 query = query.join(ModelVersion).where(ModelVersion.name == version)
@@ -399,12 +403,12 @@ class Store:
             run.started_utc = run.started_utc or utcnow()
 
     def done_chunks(self, run_id: int) -> list[int]:
-        with self.session() as s:
+        with self.session(read=True) as s:
             return list(s.scalars(select(RunChunk.chunk_index).where(RunChunk.run_id == run_id)))
 
     def example_ids(self, run_id: int, split: str) -> list[int]:
         """Example ids of a run's split, by position."""
-        with self.session() as s:
+        with self.session(read=True) as s:
             return list(s.scalars(select(RunExample.example_id).where(
                 RunExample.run_id == run_id, RunExample.split == split).order_by(RunExample.position)))
 
@@ -456,7 +460,7 @@ class Store:
     def _check_chunk_ids(self, run_id: int, test_ids: Sequence[int], train_ids: Sequence[int]) -> None:
         """What the foreign keys would catch, and more: every id is one of this run's examples, once."""
         if run_id not in self._run_example_ids:  # a run's examples never change: read them once
-            with self.engine.connect() as connection:
+            with self.reader.connect() as connection:
                 rows = connection.execute(select(RunExample.split, RunExample.example_id).where(
                     RunExample.run_id == run_id)).all()
             if not rows:
@@ -492,7 +496,7 @@ class Store:
     # -- reading scores -----------------------------------------------------------------------------
 
     def test_example_id(self, run_id: int, key: str) -> int:
-        with self.session() as s:
+        with self.session(read=True) as s:
             run = self._get_run(s, run_id)
             found = s.scalar(select(RunExample.example_id).join(Example, Example.id == RunExample.example_id).where(
                 RunExample.run_id == run.id, RunExample.split == "test", Example.key == str(key)))
@@ -505,14 +509,14 @@ class Store:
 
     def score_rows(self, run_id: int, test_example_id: int) -> list[tuple[int, float]]:
         """(train example id, score) for one test example, all training examples."""
-        with self.engine.connect() as connection:
+        with self.reader.connect() as connection:
             return [tuple(r) for r in connection.execute(select(Score.train_example_id, Score.score).where(
                 Score.run_id == run_id, Score.test_example_id == test_example_id))]
 
     def top_scores(self, run_id: int, test_key: str, k: int) -> dict[str, list[dict]]:
         """Most helpful (largest) and most harmful (most negative) training examples for one test example."""
         test_id = self.test_example_id(run_id, test_key)
-        with self.engine.connect() as connection:
+        with self.reader.connect() as connection:
             def fetch(order):
                 return connection.execute(select(Score.train_example_id, Score.score).where(
                     Score.run_id == run_id, Score.test_example_id == test_id).order_by(order).limit(k)).all()
@@ -521,7 +525,7 @@ class Store:
 
     def aggregate_scores(self, run_id: int) -> list[dict]:
         """Per training example, over the run's test set: sum, mean, min, max and how many test examples it hurts."""
-        with self.session() as s:
+        with self.session(read=True) as s:
             run = self._get_run(s, run_id)
             rows = s.execute(select(Score.train_example_id, func.sum(Score.score), func.avg(Score.score),
                                     func.min(Score.score), func.max(Score.score),
@@ -544,12 +548,12 @@ class Store:
 
     def score_values(self, run_id: int, limit: int = 2_000_000) -> list[float]:
         """Score values of a run (at most ``limit``, from the first test examples), for distributions."""
-        with self.engine.connect() as connection:
+        with self.reader.connect() as connection:
             return list(connection.execute(select(Score.score).where(Score.run_id == run_id).limit(limit)).scalars())
 
     def run_examples(self, run_id: int, split: str) -> dict[int, dict]:
         """Example id -> {position, loss, self_influence} for one split of a run."""
-        with self.session() as s:
+        with self.session(read=True) as s:
             rows = s.execute(select(RunExample).where(RunExample.run_id == run_id, RunExample.split == split)
                              .order_by(RunExample.position)).scalars()
             return {r.example_id: {"position": r.position, "loss": r.loss, "self_influence": r.self_influence}
@@ -557,7 +561,7 @@ class Store:
 
     def self_influence(self, run_id: int, k: int | None = None) -> list[dict]:
         """Training examples by self-influence, largest first, with their training loss."""
-        with self.session() as s:
+        with self.session(read=True) as s:
             run = self._get_run(s, run_id)
             query = (select(RunExample.example_id, RunExample.self_influence, RunExample.loss, Example.key,
                             Example.label_json).join(Example, Example.id == RunExample.example_id)
@@ -573,7 +577,7 @@ class Store:
 
     def open_removals(self, dataset_id: int) -> dict[int, dict]:
         """Example id -> its newest proposal that is proposed, accepted or applied, for one dataset."""
-        with self.session() as s:
+        with self.session(read=True) as s:
             rows = s.execute(select(Proposal).join(Example, Example.id == Proposal.example_id).where(
                 Example.dataset_id == dataset_id, Proposal.status.in_(("proposed", "accepted", "applied")))
                 .order_by(Proposal.id)).scalars()
@@ -602,7 +606,7 @@ class Store:
 
     def proposals(self, ids: Sequence[int] | None = None, status: str | None = None, rule: str | None = None,
                   run_id: int | None = None, dataset: str | None = None, applied_version: str | None = None) -> list[dict]:
-        with self.session() as s:
+        with self.session(read=True) as s:
             query = (select(Proposal).join(Example, Example.id == Proposal.example_id)
                      .join(Dataset, Dataset.id == Example.dataset_id).order_by(Proposal.id))
             if ids is not None:
@@ -626,7 +630,7 @@ class Store:
         return found
 
     def proposal_events(self, proposal_id: int) -> list[dict]:
-        with self.session() as s:
+        with self.session(read=True) as s:
             return [{"from": e.from_status, "to": e.to_status, "actor": e.actor, "note": e.note,
                      "time_utc": e.created_utc}
                     for e in s.scalars(select(ProposalEvent).where(ProposalEvent.proposal_id == proposal_id)
@@ -680,7 +684,7 @@ class Store:
         A version not registered yet has no known lineage, so every applied removal counts: a model
         retrained on the uncurated data under a new name must not bring removed examples back silently.
         """
-        with self.session() as s:
+        with self.session(read=True) as s:
             lineage, current = [], s.scalar(select(ModelVersion).where(ModelVersion.name == version))
             while current is not None and current.id not in lineage:
                 lineage.append(current.id)
@@ -695,7 +699,7 @@ class Store:
     def latest_done_run(self, version: str, run_id: int | None = None) -> dict:
         """The newest finished run of a model version (or the given run, checked to belong to it)."""
         self.version(version)  # unknown version -> its own message (outside the session: no nested transaction)
-        with self.session() as s:
+        with self.session(read=True) as s:
             query = (select(Run).join(ModelVersion, ModelVersion.id == Run.model_version_id)
                      .where(ModelVersion.name == version, Run.status == "done").order_by(Run.id.desc()).limit(1))
             run = s.scalar(query) if run_id is None else self._get_run(s, run_id)
@@ -719,7 +723,7 @@ class Store:
             return row.id
 
     def verifications(self, run_id: int | None = None) -> list[dict]:
-        with self.session() as s:
+        with self.session(read=True) as s:
             query = select(Verification).order_by(Verification.id)
             if run_id is not None:
                 query = query.where(Verification.run_id == run_id)

@@ -328,3 +328,27 @@ def test_a_folder_that_does_not_exist_is_not_created(tmp_path):
 def test_opening_without_create_does_not_make_a_store(tmp_path):
     one_line(lambda: Store(str(tmp_path / "store.db"), create=False), "no store at", "influence-store init")
     assert not (tmp_path / "store.db").exists()
+
+
+def test_readers_neither_wait_for_nor_block_a_writer(tmp_path):
+    """Listing runs while another process holds the write lock answers at once; writes still queue."""
+    import sqlite3
+    import time as clock
+
+    from influence_store.store import Store
+
+    path = tmp_path / "locked.db"
+    store = Store(str(path))
+    store.add_version("v1")
+    writer = sqlite3.connect(path, isolation_level=None, timeout=0)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("UPDATE model_versions SET notes = 'busy'")
+    started = clock.perf_counter()
+    assert [v["name"] for v in store.versions()] == ["v1"]  # the committed snapshot, without the open write
+    assert store.runs() == []
+    assert clock.perf_counter() - started < 20  # a reader taking the write lock would wait 60 s, then fail
+    with sqlite3.connect(path, timeout=0) as other:  # and the lock really is held: another writer is refused
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")
+    writer.execute("COMMIT")
+    assert store.version("v1")["notes"] == "busy"
