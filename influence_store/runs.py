@@ -141,7 +141,10 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
             task_spec=spec_text, task_options=task_options or {},
             settings={**computation.settings, "requested": requested},
             settings_fingerprint=fingerprint, chunks_total=computation.num_chunks)
-        outcome = "computed"
+        status = store.run(run_id)["status"]  # not "pending" when another process created it first
+        if status == "done":
+            return RunResult(run_id, "done", "existing", time.perf_counter() - started)
+        outcome = "computed" if status == "pending" else "resumed"
     else:
         run_id, outcome = existing["id"], "resumed"
     store.start_run(run_id)

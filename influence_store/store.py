@@ -329,8 +329,15 @@ class Store:
                    train_rows: Sequence[tuple], test_rows: Sequence[tuple], train_losses: Sequence[float],
                    test_losses: Sequence[float], task_spec: str, task_options: dict, settings: dict,
                    settings_fingerprint: str, chunks_total: int) -> int:
-        """Register examples, the model version (created on first use) and a pending run, in one transaction."""
+        """Register examples, the model version (created on first use) and a pending run, in one transaction.
+
+        When another process created the run with these settings meanwhile, returns that run's id instead,
+        so both processes work on one run (each chunk is stored once)."""
         with self.session() as s:
+            raced = s.scalar(select(Run.id).where(Run.settings_fingerprint == settings_fingerprint)
+                             .order_by(Run.id.desc()).limit(1))
+            if raced is not None:
+                return raced
             version = s.scalar(select(ModelVersion).where(ModelVersion.name == version_name))
             if version is None:
                 version = ModelVersion(name=version_name, weights_sha256=weights_sha256,

@@ -352,3 +352,20 @@ def test_readers_neither_wait_for_nor_block_a_writer(tmp_path):
             other.execute("BEGIN IMMEDIATE")
     writer.execute("COMMIT")
     assert store.version("v1")["notes"] == "busy"
+
+
+def test_a_run_created_meanwhile_by_another_process_is_joined_not_duplicated(tmp_path, monkeypatch):
+    """Two processes that both saw no run with these settings: the second one to register joins the first."""
+    from influence_store.runs import execute_run
+    from influence_store.store import Store
+    from tasks import small_breast_cancer_task
+
+    store = Store(str(tmp_path / "race.db"))
+    task = small_breast_cancer_task()
+    first = execute_run(store, task, approximator="exact", self_influence=False)
+    monkeypatch.setattr(Store, "find_run", lambda self, fingerprint: None)  # as if it looked before `first` existed
+    second = execute_run(store, task, approximator="exact", self_influence=False)
+    assert (second.run_id, second.outcome) == (first.run_id, "existing")
+    assert len(store.runs()) == 1
+    n_scores = store.run(first.run_id)["n_train"] * store.run(first.run_id)["n_test"]
+    assert len(store.score_values(first.run_id)) == n_scores
