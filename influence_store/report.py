@@ -112,35 +112,32 @@ def _table(rows: list[dict], columns: list[str], table_id: str | None = None) ->
 
 
 def _figure():
-    import matplotlib
+    """A figure and its axes, without pyplot's global state (Agg renders it; nothing to close)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt, *plt.subplots(figsize=(7, 3.6), dpi=90)
+    fig = Figure(figsize=(7, 3.6), dpi=90)
+    return fig, fig.subplots()
 
 
 def _img(fig) -> str:
-    plt = fig[0]
     buffer = io.BytesIO()
-    fig[1].tight_layout()
-    fig[1].savefig(buffer, format="png")
-    plt.close(fig[1])
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
     data = base64.b64encode(buffer.getvalue()).decode()
     return f"<img alt='plot' src='data:image/png;base64,{data}'>"
 
 
 def _histogram(values: list[float]):
-    plt, fig, ax = _figure()
+    fig, ax = _figure()
     ax.hist(values, bins=100, color="#4477aa")
     ax.set_yscale("log")
     ax.set_xlabel("score (positive = helpful, negative = harmful)")
     ax.set_ylabel("count")
-    return plt, fig
+    return fig
 
 
 def _scatter(rows: list[dict], status: dict[int, str]):
-    plt, fig, ax = _figure()
+    fig, ax = _figure()
     colors = {"proposed": "#ee7733", "accepted": "#cc3311", "applied": "#882255", "rejected": "#999933"}
     groups: dict[str, list[dict]] = {}
     for r in rows:
@@ -151,11 +148,11 @@ def _scatter(rows: list[dict], status: dict[int, str]):
     ax.set_xlabel("training loss")
     ax.set_ylabel("self-influence")
     ax.legend(fontsize=8)
-    return plt, fig
+    return fig
 
 
 def _effect_plot(verifications: list[dict]):
-    plt, fig, ax = _figure()
+    fig, ax = _figure()
     predicted = [v["predicted_loss_change"] for v in verifications]
     actual = [v["actual_loss_change"] for v in verifications]
     ax.scatter(predicted, actual, color="#4477aa")
@@ -163,4 +160,4 @@ def _effect_plot(verifications: list[dict]):
     ax.plot([low, high], [low, high], color="#999", linestyle="--", linewidth=1)
     ax.set_xlabel("predicted change of mean test loss")
     ax.set_ylabel("actual change (retrained)")
-    return plt, fig
+    return fig

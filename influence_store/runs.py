@@ -34,11 +34,13 @@ class RunResult:
 
 def weights_sha256(model) -> str:
     """sha256 over the model's parameters and buffers (names, dtypes, shapes, bytes)."""
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 
@@ -49,13 +51,6 @@ def example_rows(task: Task, split: str) -> list[tuple[str, str, Any, Any]]:
         payload = task.describe(example)
         rows.append((key, content_hash(payload), task.label_of(example), payload))
     return rows
-
-
-def default_dataset_name(task: Task, spec: str) -> str:
-    if task.name:
-        return task.name
-    target = spec.partition(":")[2] if spec.split(":", 1)[0] in ("allennlp",) else spec.rsplit(":", 1)[0]
-    return Path(target).stem.removesuffix(".tar") or "dataset"
 
 
 def _portable_spec(spec: str) -> str:
@@ -96,7 +91,7 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
         model_version, dataset = previous["model_version"], previous["train_dataset"]
     task = spec if isinstance(spec, Task) else load_task(spec, task_options)
     spec_text = _portable_spec(spec) if isinstance(spec, str) else f"<python object {task.name or 'Task'}>"
-    dataset = dataset or default_dataset_name(task, spec_text)
+    dataset = dataset or task.name or "dataset"
     train_rows, test_rows = example_rows(task, "train"), example_rows(task, "test")
     weights = weights_sha256(task.model)
     parsed = options_to_dict(parse_options(lookup("register_approximators", approximator).options_cls, options,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-from sqlalchemy import case, create_engine, event, func, select, text, update
+from sqlalchemy import bindparam, case, create_engine, event, func, select, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import Session
@@ -484,7 +484,7 @@ class Store:
         with self.engine.begin() as connection:
             connection.execute(update(RunExample).where(
                 RunExample.run_id == run_id, RunExample.split == "train",
-                RunExample.position == text(":pos")).values(self_influence=text(":value")),
+                RunExample.position == bindparam("pos")).values(self_influence=bindparam("value")),
                 [{"pos": i, "value": float(v)} for i, v in enumerate(values)])
 
     def finish_run(self, run_id: int, seconds: float, diagnostics: dict) -> None:
@@ -528,7 +528,8 @@ class Store:
                 return connection.execute(select(Score.train_example_id, Score.score).where(
                     Score.run_id == run_id, Score.test_example_id == test_id).order_by(order).limit(k)).all()
             helpful, harmful = fetch(Score.score.desc()), fetch(Score.score.asc())
-        return self._with_examples(run_id, {"helpful": helpful, "harmful": harmful})
+        return self._with_examples(run_id, {name: [{"example_id": e, "score": score} for e, score in rows]
+                                            for name, rows in (("helpful", helpful), ("harmful", harmful))})
 
     def aggregate_scores(self, run_id: int) -> list[dict]:
         """Per training example, over the run's test set: sum, mean, min, max and how many test examples it hurts."""
@@ -545,13 +546,7 @@ class Store:
     def top_aggregate(self, run_id: int, k: int, by: str = "sum") -> dict[str, list[dict]]:
         rows = self.aggregate_scores(run_id)
         rows.sort(key=lambda r: r[by])
-        harmful, helpful = rows[:k], rows[::-1][:k]
-        info = self.run_examples(run_id, "train")
-        examples = self.examples(r["example_id"] for r in harmful + helpful)
-        def enrich(r):
-            return {**r, "key": examples[r["example_id"]]["key"], "label": examples[r["example_id"]]["label"],
-                    "loss": info[r["example_id"]]["loss"], "self_influence": info[r["example_id"]]["self_influence"]}
-        return {"helpful": [enrich(r) for r in helpful], "harmful": [enrich(r) for r in harmful]}
+        return self._with_examples(run_id, {"helpful": rows[::-1][:k], "harmful": rows[:k]})
 
     def score_values(self, run_id: int, limit: int = 2_000_000) -> list[float]:
         """Score values of a run (at most ``limit``, from the first test examples), for distributions."""
@@ -747,11 +742,12 @@ class Store:
             version.notes = notes or version.notes
             return self._version_dict(s, version)
 
-    def _with_examples(self, run_id: int, groups: dict[str, list]) -> dict[str, list[dict]]:
+    def _with_examples(self, run_id: int, groups: dict[str, list[dict]]) -> dict[str, list[dict]]:
+        """Add each training example's key, label, loss and self-influence to rows carrying its ``example_id``."""
         info = self.run_examples(run_id, "train")
-        examples = self.examples(e for rows in groups.values() for e, _ in rows)
-        return {name: [{"key": examples[e]["key"], "example_id": e, "score": score,
-                        "label": examples[e]["label"], "loss": info[e]["loss"]} for e, score in rows]
+        examples = self.examples(r["example_id"] for rows in groups.values() for r in rows)
+        return {name: [{**r, "key": examples[r["example_id"]]["key"], "label": examples[r["example_id"]]["label"],
+                        **{k: info[r["example_id"]][k] for k in ("loss", "self_influence")}} for r in rows]
                 for name, rows in groups.items()}
 
 

@@ -160,4 +160,8 @@ def load_task(spec: str, options: dict | None = None) -> Task:
     if not isinstance(task, Task):
         raise InfluenceStoreError(
             f"task spec {spec!r} returned {type(task).__name__}, not influence_store.Task; return a Task")
+    if not task.name:  # the store's dataset name: the file (or module, or archive) the spec points at
+        from pathlib import Path
+
+        task.name = Path(target.split(":")[0]).name.split(".")[0] or None
     return task

@@ -41,25 +41,6 @@ def propose(db, run_id, rule, top, options, actor, fmt):
     emit(_proposal_rows(created, fmt), fmt, PROPOSAL_COLUMNS)
 
 
-@cli.command()
-@output_options
-def rules(fmt):
-    """List proposal rules and their options."""
-    from ..options import describe_options
-    from ..plugin_manager import registry
-
-    rows = [{"name": name, "plugin": entry.plugin, "summary": entry.summary,
-             "options": [vars(o) for o in describe_options(entry.options_cls)]}
-            for name, entry in sorted(registry("register_proposal_rules").items())]
-    if fmt == "json":
-        emit(rows, fmt)
-        return
-    for row in rows:
-        click.echo(f"{row['name']}  ({row['plugin']})\n  {row['summary']}")
-        for o in row["options"]:
-            click.echo(f"  -o {o['name']} ({o['type']}, default {o['default']!r}): {o['help']}")
-
-
 @cli.group(invoke_without_command=True)
 @click.pass_context
 def proposals(ctx):

@@ -25,7 +25,7 @@ def plugins(show_all, fmt):
 
 
 def _implementations(hook: str, with_options: bool, fmt: str, flag: str) -> None:
-    """Rows of one registry; ``flag`` is the ``run`` option that passes these options (-o or -f)."""
+    """Rows of one registry; ``flag`` is the option that passes these options (-o, -f or -t)."""
     rows = []
     for name, entry in sorted(registry(hook).items()):
         row = {"name": name, "plugin": entry.plugin, "summary": entry.summary}
@@ -72,3 +72,13 @@ def loaders(with_options, fmt):
     Example: influence-store loaders --options
     """
     _implementations("register_task_loaders", with_options, fmt, "-t")
+
+
+@cli.command()
+@output_options
+def rules(fmt):
+    """List removal-proposal rules (`propose --rule NAME`) with their -o options.
+
+    Example: influence-store rules
+    """
+    _implementations("register_proposal_rules", True, fmt, "-o")
