@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import InfluenceStoreError
+from .files import write_temp_beside
 from .options import NoOptions, options_to_dict, parse_options
 
 if TYPE_CHECKING:  # the proposal_rules plugin imports this module at startup; SQLAlchemy loads on use
@@ -103,32 +104,44 @@ def export(store: Store, dataset: str, output: str, version: str, parent: str | 
     train = store.run_examples(run["id"], "train")
     examples = store.examples(train)
     kept = [examples[e] for e in train if e not in removed_ids]
-    _atomic_write(out, "".join(json.dumps(e["payload"]) + "\n" for e in kept))
     removals = [{"proposal_id": p["id"], "key": p["key"], "label": p["label"], "rule": p["rule"],
                  "evidence": p["evidence"], "reviewer": p["reviewer"], "note": p["note"],
                  "status": "applied" if p["status"] == "accepted" else "applied earlier",
                  "payload": examples[p["example_id"]]["payload"] if p["example_id"] in examples else None}
                 for p in accepted + applied]
-    _atomic_write(manifest, json.dumps({"dataset": dataset, "version": version, "parent": parent,
-                                        "source_run": run["id"], "kept": len(kept), "removed": removals}, indent=2))
-    store.apply_removals([p["id"] for p in accepted], version, parent, dataset, actor or current_user(), note)
+    # Both files are written aside first and appear only once the new version is committed: an export
+    # that loses a race (or fails) leaves no data file or manifest for a version that does not exist.
+    staged = []
+    try:
+        staged.append(write_temp_beside(out, "".join(json.dumps(e["payload"]) + "\n" for e in kept)))
+        staged.append(write_temp_beside(manifest, json.dumps({
+            "dataset": dataset, "version": version, "parent": parent, "source_run": run["id"], "kept": len(kept),
+            "removed": removals}, indent=2)))
+        store.apply_removals([p["id"] for p in accepted], version, parent, dataset, actor or current_user(), note)
+    except BaseException:
+        for tmp in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    os.replace(staged[0], out)
+    os.replace(staged[1], manifest)
     return {"output": str(out), "manifest": str(manifest), "version": version, "parent": parent,
             "kept": len(kept), "removed_now": len(accepted), "removed_before": len(applied)}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def compare(store: Store, old: str, new: str, old_run: int | None = None, new_run: int | None = None,
-            top: int = 20) -> dict:
+            top: int = 20, allow_different_settings: bool = False) -> dict:
     """How scores and ranks moved between two model versions (joined by example identity), which
-    removals were applied, and predicted vs actual change of the mean test loss."""
+    removals were applied, and predicted vs actual change of the mean test loss. Runs made with
+    different approximators, options or freezing give scores on different scales: refused unless allowed."""
+    if old == new:
+        raise InfluenceStoreError(f"old and new are both {old!r}; compare two different model versions")
     for version in (old, new):
         check_checkpoint(store, version)
     a, b = store.latest_done_run(old, old_run), store.latest_done_run(new, new_run)
+    differ = settings_differences(a, b)
+    if differ and not allow_different_settings:
+        raise InfluenceStoreError(f"runs {a['id']} ({old}) and {b['id']} ({new}) differ in {'; '.join(differ)}, so "
+                                  f"their scores and predictions are not comparable; run {new} with {old}'s settings")
     agg_a = {r["example_id"]: r for r in store.aggregate_scores(a["id"])}
     agg_b = {r["example_id"]: r for r in store.aggregate_scores(b["id"])}
     rank_a = {e: i for i, e in enumerate(sorted(agg_a, key=lambda e: agg_a[e]["mean"]), start=1)}
@@ -151,7 +164,7 @@ def compare(store: Store, old: str, new: str, old_run: int | None = None, new_ru
         "removed": [{"proposal_id": p["id"], "key": p["key"], "rule": p["rule"],
                      "predicted_loss_change": agg_a.get(p["example_id"], {}).get("predicted_loss_change")}
                     for p in removed],
-        "predicted_loss_change": predicted, "test_loss_old": loss_a, "test_loss_new": loss_b,
+        "settings_differ": differ, "predicted_loss_change": predicted, "test_loss_old": loss_a, "test_loss_new": loss_b,
         "actual_loss_change": loss_b - loss_a,
         "movers": [{"key": examples[e]["key"], "score_old": agg_a[e]["mean"], "score_new": agg_b[e]["mean"],
                     "rank_old": rank_a[e], "rank_new": rank_b[e], "rank_change": rank_b[e] - rank_a[e]}
@@ -159,11 +172,25 @@ def compare(store: Store, old: str, new: str, old_run: int | None = None, new_ru
     }
 
 
+COMPARED_SETTINGS = ("approximator", "options", "freeze", "freeze_options", "effective_damping", "sign_convention")
+
+
+def settings_differences(a: dict, b: dict) -> list[str]:
+    """What two runs were computed with differently, as 'name OLD vs NEW' lines."""
+    differ = [f"{name} {json.dumps(a[name])} vs {json.dumps(b[name])}" for name in COMPARED_SETTINGS
+              if a.get(name) != b.get(name)]
+    dtypes = (a["settings"].get("dtype"), b["settings"].get("dtype"))
+    return differ + ([f"dtype {dtypes[0]} vs {dtypes[1]}"] if dtypes[0] != dtypes[1] else [])
+
+
 def check_checkpoint(store: Store, version: str) -> None:
     """A registered checkpoint must still have the hash recorded at registration."""
     info = store.version(version)
     if info["checkpoint_path"] and info["checkpoint_sha256"]:
         path = Path(info["checkpoint_path"])
+        if path.exists() and not path.is_file():  # a device or pipe (/dev/zero) would be read forever
+            raise InfluenceStoreError(f"checkpoint {str(path)!r} of model version {version!r} is not a regular file; "
+                                      f"register the saved model file as a new version")
         if not path.exists():
             raise InfluenceStoreError(f"checkpoint {str(path)!r} of model version {version!r} is missing; restore it "
                                       f"or register the model again as a new version")
@@ -200,11 +227,17 @@ def add_version(store: Store, name: str, parent: str | None = None, checkpoint: 
 
 
 def verify(store: Store, run_id: int, proposal_ids: Sequence[int] | None = None, task=None,
-           actor: str | None = None) -> dict:
+           actor: str | None = None, task_spec: str | None = None, task_options: dict | None = None,
+           phases=None) -> dict:
     """Retrain without the run's accepted (or given) removals; store predicted vs actual change of the
-    mean test loss (and accuracy when the task defines it). Needs a task with ``fit``."""
+    mean test loss (and accuracy when the task defines it). Needs a task with ``fit``: ``task`` itself, or
+    ``task_spec``, which must name the run's own task (a store's code is never loaded unasked)."""
+    from .phases import QUIET
     from .runs import example_rows
     from .task import load_task
+    from .trust import stored_task
+
+    phases = phases or QUIET
 
     started = time.perf_counter()
     run = store.run(run_id)
@@ -220,7 +253,10 @@ def verify(store: Store, run_id: int, proposal_ids: Sequence[int] | None = None,
         chosen = [p for p in store.proposals(run_id=run["id"]) if p["status"] in ("accepted", "applied")]
     if not chosen:
         raise InfluenceStoreError(f"run {run_id} has no accepted proposals to verify; accept some or pass their ids")
-    task = task or load_task(run["task_spec"], run["task_options"])
+    if task is None:
+        spec, options = stored_task(run, task_spec, task_options)
+        with phases.step(f"loading task {spec}"):
+            task = load_task(spec, options)
     if task.fit is None:
         raise InfluenceStoreError("the task has no fit(examples) function, so it cannot be retrained; add one to verify")
     ids = store.example_ids(run["id"], "train")
@@ -234,7 +270,8 @@ def verify(store: Store, run_id: int, proposal_ids: Sequence[int] | None = None,
         raise InfluenceStoreError(f"the task's training data differ from what run {run_id} scored; verify with the "
                                   f"same data")
     kept = [x for x, k in zip(train, task_keys) if k not in removed_keys]
-    before, after = task.fit(train), task.fit(kept)
+    with phases.step(f"retraining on {len(train)} and on {len(kept)} training examples"):
+        before, after = task.fit(train), task.fit(kept)
     loss_before, acc_before = evaluate(task, before)
     loss_after, acc_after = evaluate(task, after)
     agg = {r["example_id"]: r for r in store.aggregate_scores(run["id"])}

@@ -8,6 +8,7 @@ rejects unknown names, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Mapping
@@ -116,7 +117,10 @@ def _convert(raw: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(raw, bool):
             raise ValueError(raw)
-        return float(raw)
+        value = float(raw)
+        if not math.isfinite(value):  # NaN or infinity is never a usable setting
+            raise ValueError(raw)
+        return value
     if annotation is str:
         if not isinstance(raw, str):
             raise TypeError(raw)

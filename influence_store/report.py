@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InfluenceStoreError
+from .files import write_atomic
 from .store import Store
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
@@ -72,7 +73,7 @@ def write_report(store: Store, run_id: int, output: str, top: int = 10, force: b
         raise InfluenceStoreError(f"folder {str(path.parent)!r} does not exist; create it first")
     if path.exists() and not force:
         raise InfluenceStoreError(f"{output!r} exists; pass --force to overwrite it")
-    path.write_text(build_report(store, run_id, top))
+    write_atomic(path, build_report(store, run_id, top))
     return str(path)
 
 

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .errors import InfluenceStoreError
+from .phases import QUIET, Phases
 from .store import Store
 from .task import Task, content_hash, load_task
+from .trust import portable_spec, stored_task
 
 
 @dataclass
@@ -53,12 +55,16 @@ def example_rows(task: Task, split: str) -> list[tuple[str, str, Any, Any]]:
     return rows
 
 
-def _portable_spec(spec: str) -> str:
-    """A file spec with an absolute path, so ``verify`` can load the task again from any folder."""
-    where, sep, function = spec.rpartition(":")
-    if sep and where.endswith(".py") and Path(where).is_file():
-        return f"{Path(where).resolve()}:{function}"
-    return spec
+def check_request(test_chunk_size: int | None, memory_budget_mb: float, model_version: str | None,
+                  dataset: str | None) -> None:
+    """Settings a run cannot work with fail here, before anything is loaded or stored (never replaced silently)."""
+    if test_chunk_size is not None and (isinstance(test_chunk_size, bool) or test_chunk_size < 1):
+        raise InfluenceStoreError(f"test chunk size must be a positive number of test examples, got {test_chunk_size}")
+    if not isinstance(memory_budget_mb, (int, float)) or not math.isfinite(memory_budget_mb) or memory_budget_mb <= 0:
+        raise InfluenceStoreError(f"memory budget must be a positive number of MB, got {memory_budget_mb}")
+    for what, name in (("model version", model_version), ("dataset", dataset)):
+        if name is not None and not name.strip():
+            raise InfluenceStoreError(f"{what} name is empty; give a name or leave it out for the default")
 
 
 def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = None, approximator: str = "lissa",
@@ -66,21 +72,27 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
                 model_version: str | None = None, dataset: str | None = None, device: str = "cpu", seed: int = 0,
                 dtype: str | None = None, memory_budget_mb: float = 256.0, test_chunk_size: int | None = None,
                 self_influence: bool = True, progress: bool = False, resume: int | None = None,
-                allow_removed: bool = False) -> RunResult:
-    """Compute a task's scores into the store (or report/resume the run that already has them)."""
+                allow_removed: bool = False, phases: Phases | None = None) -> RunResult:
+    """Compute a task's scores into the store (or report/resume the run that already has them).
+
+    ``progress`` shows bars on a terminal; ``phases`` (e.g. ``Phases()``) names each long step on stderr."""
     from .freezing import tracked_parameters
     from .options import options_to_dict, parse_options
     from .plugin_manager import lookup
     from .scoring import compute_scores
 
     started = time.perf_counter()
+    phases = phases or QUIET
+    check_request(test_chunk_size, memory_budget_mb, model_version, dataset)
     if resume is not None:
         previous = store.run(resume)
+        if previous["status"] == "done":  # nothing to compute, so nothing to load
+            return RunResult(previous["id"], "done", "existing", time.perf_counter() - started)
         # The fingerprint hashes what was asked for (dtype None, chunk size None = automatic), not what it
         # resolved to, so resume from the stored request; runs stored without one fall back to the settings.
         asked = previous["settings"].get("requested") or {}
-        if not isinstance(spec, Task):  # a Python caller resumes with its own Task object
-            spec, task_options = previous["task_spec"], previous["task_options"]
+        if not isinstance(spec, Task):  # a Python caller may resume with its own Task object
+            spec, task_options = stored_task(previous, spec, task_options)
         approximator, options = previous["approximator"], previous["options"]
         freeze, freeze_options = previous["freeze"], previous["freeze_options"]
         seed, device = previous["seed"], previous["device"]
@@ -89,8 +101,12 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
         memory_budget_mb = asked.get("memory_budget_mb", memory_budget_mb)
         self_influence = asked.get("self_influence", self_influence)
         model_version, dataset = previous["model_version"], previous["train_dataset"]
-    task = spec if isinstance(spec, Task) else load_task(spec, task_options)
-    spec_text = _portable_spec(spec) if isinstance(spec, str) else f"<python object {task.name or 'Task'}>"
+    if isinstance(spec, Task):
+        task = spec
+    else:
+        with phases.step(f"loading task {spec}"):
+            task = load_task(spec, task_options)
+    spec_text = portable_spec(spec) if isinstance(spec, str) else f"<python object {task.name or 'Task'}>"
     dataset = dataset or task.name or "dataset"
     train_rows, test_rows = example_rows(task, "train"), example_rows(task, "test")
     weights = weights_sha256(task.model)
@@ -124,10 +140,11 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
     if existing is not None and existing["status"] == "done":
         return RunResult(existing["id"], "done", "existing", time.perf_counter() - started)
 
-    computation = compute_scores(task, approximator, options, freeze, freeze_options, device=device, seed=seed,
-                                 dtype=dtype, memory_budget_mb=memory_budget_mb,
-                                 test_chunk_size=existing["settings"]["test_chunk_size"] if existing else test_chunk_size,
-                                 progress=progress)
+    with phases.step(f"preparing {approximator} (losses, gradients, inverse-Hessian setup)"):
+        computation = compute_scores(task, approximator, options, freeze, freeze_options, device=device, seed=seed,
+                                     dtype=dtype, memory_budget_mb=memory_budget_mb,
+                                     test_chunk_size=existing["settings"]["test_chunk_size"] if existing
+                                     else test_chunk_size, progress=progress)
     if existing is None:
         run_id = store.create_run(
             version_name=model_version, weights_sha256=weights, train_dataset=dataset,
@@ -148,7 +165,9 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
         # One writer thread stores chunk i while chunk i+1 is computed (torch releases the GIL), so
         # persistence hides behind computation. At most one chunk is in flight; a failure in either
         # thread stops the run, and a chunk already computed is still stored before it stops.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="influence-store-writer") as writer:
+        step = f"scoring {computation.num_chunks} test chunks" + (" and self-influence" if self_influence else "")
+        with phases.step(step), ThreadPoolExecutor(max_workers=1, thread_name_prefix="influence-store-writer") \
+                as writer:
             pending = None
             for chunk in computation.chunks(skip=store.done_chunks(run_id)):
                 if pending is not None:

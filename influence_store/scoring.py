@@ -206,7 +206,9 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def _progress(items, enabled: bool, desc: str, total: int | None = None):
-    if not enabled:
+    from .phases import bars_wanted
+
+    if not bars_wanted(enabled):
         return items
     from tqdm import tqdm
 

@@ -24,22 +24,15 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import Session
 
 from .errors import InfluenceStoreError
+from .store_file import DB_ENV, DEFAULT_DB, default_location, sqlite_path  # noqa: F401  (re-exported)
 from .schema import (Dataset, Example, ModelVersion, Proposal, ProposalEvent, Run, RunChunk, RunExample, Score,
                      Verification, utcnow)
 
-DEFAULT_DB = "influence-store.db"
-DB_ENV = "INFLUENCE_STORE_DB"
-
-
-def default_location() -> str:
-    """Where the store lives when no ``--db`` is given: $INFLUENCE_STORE_DB, else ./influence-store.db."""
-    return os.environ.get(DB_ENV) or DEFAULT_DB
-
-
 def database_url(location: str | None = None) -> str:
-    """A SQLAlchemy URL for a path or URL."""
+    """A SQLAlchemy URL for a path or URL (an in-memory SQLite URL is refused)."""
     location = location or default_location()
-    return location if "://" in location else f"sqlite:///{Path(location).expanduser()}"
+    path = sqlite_path(location)
+    return location if "://" in location else f"sqlite:///{path}"
 
 
 def _alembic_config(connection=None):
@@ -52,10 +45,14 @@ def _alembic_config(connection=None):
     return config
 
 
-def head_revision() -> str:
+def _scripts():
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    return ScriptDirectory.from_config(_alembic_config())
+
+
+def head_revision() -> str:
+    return _scripts().get_current_head()
 
 
 class Store:
@@ -64,7 +61,12 @@ class Store:
     def __init__(self, location: str | None = None, *, upgrade: bool = True, create: bool = True) -> None:
         self.url = database_url(location)
         self.location = location or default_location()
-        self.is_sqlite = make_url(self.url).get_backend_name() == "sqlite"
+        self.writes = upgrade  # a store opened without upgrading is read: its journal mode stays as it is
+        try:
+            self.is_sqlite = make_url(self.url).get_backend_name() == "sqlite"
+        except Exception as exc:  # sqlalchemy.exc.ArgumentError: not a URL it can parse
+            raise InfluenceStoreError(f"cannot use store {self.location!r}: {_reason(exc)}; give a file path or "
+                                      f"a database URL such as postgresql+psycopg://user@host/db") from None
         if self.is_sqlite:
             self.path = Path(make_url(self.url).database or "")
             try:
@@ -93,7 +95,8 @@ class Store:
                     f"{str(path)!r} is not a SQLite database; give a new path or an influence-store database with --db")
             return
         if not create:
-            raise InfluenceStoreError(f"no store at {str(path)!r}; create one with `influence-store init`")
+            raise InfluenceStoreError(f"no store at {str(path)!r}; create one with "
+                                      f"`influence-store init` or give its path with --db")
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.is_dir():
             raise InfluenceStoreError(f"cannot create store {str(path)!r}: folder {str(parent)!r} does not exist")
@@ -103,7 +106,14 @@ class Store:
 
     def _engine(self) -> Engine:
         if not self.is_sqlite:
-            return create_engine(self.url)
+            try:
+                return create_engine(self.url)
+            except ModuleNotFoundError as exc:
+                raise InfluenceStoreError(f"cannot open store {self.location!r}: its database driver "
+                                          f"{exc.name!r} is not installed; pip install {exc.name} or name an "
+                                          f"installed driver in the URL") from None
+            except Exception as exc:
+                raise InfluenceStoreError(f"cannot open store {self.location!r}: {_reason(exc)}") from None
         engine = create_engine(self.url, connect_args={"timeout": 60})
 
         @event.listens_for(engine, "connect")
@@ -112,7 +122,7 @@ class Store:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=60000")
-            if self.path.exists() and os.access(self.path, os.W_OK):
+            if self.writes and self.path.exists() and os.access(self.path, os.W_OK):
                 cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
@@ -140,10 +150,25 @@ class Store:
 
     def revision(self) -> str | None:
         """The schema revision the database is at (None for a blank database)."""
-        from alembic.runtime.migration import MigrationContext
+        from sqlalchemy import inspect
 
         with self.engine.connect() as connection:
-            return MigrationContext.configure(connection).get_current_revision()
+            if not inspect(connection).has_table("alembic_version"):
+                return None
+            return connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+
+    def downgrade(self, revision: str) -> None:
+        """Move the schema back to ``revision`` (data in tables that revision lacks is dropped)."""
+        from alembic import command
+
+        known = [r.revision for r in _scripts().walk_revisions()] + ["base"]
+        if revision not in known:
+            raise InfluenceStoreError(f"unknown schema revision {revision!r}; known: {', '.join(known)}")
+        try:
+            with self.engine.begin() as connection:
+                command.downgrade(_alembic_config(connection), revision)
+        except OperationalError as exc:
+            raise InfluenceStoreError(f"cannot downgrade store {self.location!r}: {_reason(exc)}") from None
 
     def upgrade(self) -> None:
         """Upgrade the schema to head; refuse a database written by a newer influence-store."""
@@ -198,10 +223,14 @@ class Store:
             source.close()
 
     def status(self) -> dict[str, Any]:
-        """Schema revision and row counts, for ``db status``."""
+        """Schema revision and row counts, for ``db status`` (tables an older schema lacks are left out)."""
+        from sqlalchemy import inspect
+
         with self.session(read=True) as s:
+            present = set(inspect(s.connection()).get_table_names())
             counts = {model.__tablename__: s.scalar(select(func.count()).select_from(model))
-                      for model in (Dataset, Example, ModelVersion, Run, Score, Proposal, Verification)}
+                      for model in (Dataset, Example, ModelVersion, Run, Score, Proposal, Verification)
+                      if model.__tablename__ in present}
         return {"location": self.location, "url": self.url, "revision": self.revision(),
                 "head": head_revision(), "rows": counts}
 
@@ -386,6 +415,8 @@ class Store:
             number = int(run_id)
         except (TypeError, ValueError):
             raise InfluenceStoreError(f"run id must be a number, got {run_id!r}") from None
+        if not 0 < number < 2**63:
+            raise InfluenceStoreError(f"run id must be a positive number below 2**63, got {run_id}")
         run = s.get(Run, number)
         if run is None:
             last = s.scalar(select(func.max(Run.id)))
@@ -612,7 +643,7 @@ class Store:
             query = (select(Proposal).join(Example, Example.id == Proposal.example_id)
                      .join(Dataset, Dataset.id == Example.dataset_id).order_by(Proposal.id))
             if ids is not None:
-                query = query.where(Proposal.id.in_(list(ids)))
+                query = query.where(Proposal.id.in_([int(i) for i in ids if 0 < int(i) < 2**63]))
             if status is not None:
                 query = query.where(Proposal.status == status)
             if rule is not None:
@@ -647,7 +678,7 @@ class Store:
                 version_id = s.scalar(select(ModelVersion.id).where(ModelVersion.name == applied_version))
             changed = []
             for pid in ids:
-                proposal = s.get(Proposal, int(pid))
+                proposal = s.get(Proposal, int(pid)) if 0 < int(pid) < 2**63 else None
                 if proposal is None:
                     raise InfluenceStoreError(f"no proposal {pid}; see `influence-store proposals list`")
                 if proposal.status not in allowed:

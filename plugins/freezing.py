@@ -36,6 +36,13 @@ class Regex(FreezingPolicy):
                     raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {exc}") from None
 
     def tracked(self, model):
+        names = [n for n, _ in model.named_parameters()]
+        unmatched = [pat for pat in self.options.patterns if not any(re.match(pat, n) for n in names)]
+        if unmatched:  # a typo would otherwise freeze nothing, silently
+            from influence_store.errors import InfluenceStoreError
+
+            raise InfluenceStoreError(f"freezing pattern {unmatched[0]!r} matches no parameter name (re.match from "
+                                      f"the start); names look like: {', '.join(names[:4])}")
         return [n for n, p in model.named_parameters()
                 if p.requires_grad and not any(re.match(pat, n) for pat in self.options.patterns)]
 

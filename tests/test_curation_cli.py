@@ -232,7 +232,7 @@ def test_full_loop_run_propose_review_export_version_run_compare_verify(s):
     assert "removals applied in v2: 3" in ok(db, "compare", "v1", "v2")
 
     # Verify retrains without the removals and stores predicted vs actual with them.
-    verified = ok_json(db, "verify", 1)
+    verified = ok_json(db, "verify", 1, "--task", s.spec)  # a store's task is loaded only when named
     assert verified["proposal_ids"] == ids[:3] and verified["n_removed"] == 3
     assert verified["actual_loss_change"] == pytest.approx(compared["actual_loss_change"], rel=1e-6)
     assert verified["predicted_loss_change"] == pytest.approx(predicted, rel=1e-9)

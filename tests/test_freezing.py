@@ -61,8 +61,9 @@ def test_all_tracks_what_requires_grad():
 
 def test_regex_freezes_with_re_match_semantics():
     model = Encoder()
-    # re.match anchors at the start: "weight" freezes nothing, ".*weight" freezes every weight
-    assert tracked_parameters(model, "regex", {"patterns": ["weight"]}) == [n for n, _ in model.named_parameters()]
+    # re.match anchors at the start: "weight" matches no name (an error, not a silent no-op), ".*weight" every weight
+    with pytest.raises(ist.InfluenceStoreError, match="freezing pattern 'weight' matches no parameter name"):
+        tracked_parameters(model, "regex", {"patterns": ["weight"]})
     assert tracked_parameters(model, "regex", {"patterns": [".*weight"]}) == [
         "embed.bias", "blocks.0.bias", "blocks.2.bias", "head.bias", "head_norm.bias"]
     # a prefix match is enough (no full match needed), and any one pattern freezes

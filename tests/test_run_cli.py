@@ -144,7 +144,8 @@ def test_run_then_scores_and_runs_show_read_back_exactly(spec, small_reference, 
 
     csv = invoke("--db", db, "scores", run_id, "--test", "3", "--top", "2", "--csv")
     assert csv.exit_code == 0 and csv.output.splitlines()[0] == "group,key,label,score,loss"
-    assert len(csv.output.splitlines()) == 6  # a header and two rows per group
+    assert len(csv.output.splitlines()) == 5  # one header (not one per group) and two rows per group
+    assert [float(line.split(",")[3]) for line in csv.output.splitlines()[1:3]] == sorted(small_reference[3])[:2]
 
 
 def test_same_command_again_reports_the_stored_run_and_a_changed_option_adds_one(spec, tmp_path):

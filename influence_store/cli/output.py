@@ -25,6 +25,13 @@ def output_options(command):
     return wrapper
 
 
+def at_least_one(ctx, param, value):
+    """``--top`` and friends: the same one-line error (exit 1) in every command."""
+    if value is not None and value < 1:
+        raise click.ClickException(f"--{param.name} must be at least 1, got {value}")
+    return value
+
+
 def emit(rows: Any, fmt: str, columns: list[str] | None = None) -> None:
     """Print a list of dicts (or one dict) in the chosen format."""
     if fmt == "json":
@@ -36,7 +43,7 @@ def emit(rows: Any, fmt: str, columns: list[str] | None = None) -> None:
         writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in records:
-            writer.writerow({c: _cell(row.get(c)) for c in columns})
+            writer.writerow({c: _cell(row.get(c), exact=True) for c in columns})
         return
     click.echo(table(records, columns))
 
@@ -50,9 +57,10 @@ def table(records: Iterable[dict], columns: list[str]) -> str:
     return "\n".join(out) if rows else line(columns) + "\n(none)"
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, exact: bool = False) -> str:
+    """Tables round floats to 6 digits for reading; CSV keeps every digit (``repr`` round-trips)."""
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return repr(value) if exact else f"{value:.6g}"
     if isinstance(value, (list, dict)):
         return json.dumps(value, default=str)
     return "" if value is None else str(value)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
+import sys
 
 import click
 
 from .main import cli
-from .output import emit, output_options
+from .output import at_least_one, emit, output_options
 
 
 def db_option(command):
@@ -23,10 +25,34 @@ def db_option(command):
     return wrapper
 
 
-def open_store(db, **kwargs):
+def open_store(db, *, write: bool = False, create: bool = False):
+    """The store for a command. Reads never create or migrate a store (they say there is none, or that it
+    needs `db upgrade`); writes upgrade it; only ``create=True`` commands (init, run, ...) make a new one."""
     from ..store import Store
+    from ..store_file import check_revision, connect_for_reading, sqlite_path
 
-    return Store(db, **kwargs)
+    if write or create:
+        return Store(db, create=create)
+    if sqlite_path(db) is not None:
+        connect_for_reading(db).close()
+        return Store(db, create=False, upgrade=False)
+    store = Store(db, create=False, upgrade=False)
+    check_revision(store.revision(), store.location)
+    return store
+
+
+def stdin_is_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
+def confirm_stored_task(run: dict, named: str | None) -> str | None:
+    """Nothing named: on a terminal, show the task the store names and load it only if the user says so."""
+    if named not in (None, "-") or not stdin_is_terminal():
+        return named
+    options = f" with options {json.dumps(run['task_options'])}" if run["task_options"] else ""
+    click.confirm(f"run {run['id']} was computed from task {run['task_spec']!r}{options}; loading it imports and "
+                  f"runs that code. Load it?", abort=True, err=True)
+    return run["task_spec"]
 
 
 def pairs(values) -> dict:
@@ -47,13 +73,13 @@ def init(db):
 
     Example: influence-store init --db curation.db
     """
-    store = open_store(db)
+    store = open_store(db, create=True)
     click.echo(f"store ready: {store.location} (schema {store.revision()})")
 
 
 @cli.group()
 def db():
-    """Where the store is, what it holds, upgrade and backup."""
+    """Where the store is, what it holds, upgrade, downgrade and backup."""
 
 
 @db.command("path")
@@ -70,7 +96,9 @@ def db_path(db):
 @output_options
 def db_status(db, fmt):
     """Schema revision and row counts."""
-    status = open_store(db, create=False, upgrade=False).status()
+    from ..store import Store
+
+    status = Store(db, create=False, upgrade=False).status()  # any revision: it says which one
     if fmt == "json":
         emit(status, fmt)
         return
@@ -82,7 +110,27 @@ def db_status(db, fmt):
 @db_option
 def db_upgrade(db):
     """Upgrade the store's schema to the newest revision (opening it does this too)."""
-    store = open_store(db, create=False)
+    store = open_store(db, write=True)
+    click.echo(f"store {store.location} at schema {store.revision()}")
+
+
+@db.command("downgrade")
+@db_option
+@click.argument("revision")
+@click.option("--yes", is_flag=True, help="Do not ask before dropping what newer revisions added.")
+def db_downgrade(db, revision, yes):
+    """Move the store's schema back to REVISION (e.g. to use an older influence-store); tables that
+    REVISION lacks are dropped with their rows, so back the store up first.
+
+    Example: influence-store db downgrade 0001
+    """
+    from ..store import Store
+
+    store = Store(db, create=False, upgrade=False)
+    if not yes:
+        click.confirm(f"downgrade {store.location} from {store.revision()} to {revision}, dropping data that "
+                      f"{revision} has no table for?", abort=True)
+    store.downgrade(revision)
     click.echo(f"store {store.location} at schema {store.revision()}")
 
 
@@ -91,7 +139,7 @@ def db_upgrade(db):
 @click.argument("target")
 def db_backup(db, target):
     """Copy a consistent snapshot of the store to TARGET (safe while a run writes)."""
-    open_store(db, create=False).backup(target)
+    open_store(db).backup(target)
     click.echo(f"backed up to {target}")
 
 
@@ -112,7 +160,8 @@ def db_backup(db, target):
 @click.option("--model-version", default=None, help="Model version name (default: one derived from the weights).")
 @click.option("--dataset", default=None, help="Name of the training dataset (default: the task's name).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Random seed of stochastic approximators (LiSSA's sampling); part of the run's identity.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "float64"]),
               help="Compute dtype (default: the model's).")
 @click.option("--memory-budget-mb", default=256.0, show_default=True, type=float,
@@ -120,11 +169,12 @@ def db_backup(db, target):
 @click.option("--test-chunk-size", default=None, type=int, help="Test examples per stored chunk.")
 @click.option("--no-self-influence", is_flag=True, help="Skip self-influence of training examples.")
 @click.option("--resume", "resume", type=int, default=None, metavar="RUN",
-              help="Resume an interrupted run with its stored settings (TASK_SPEC is then ignored; pass '-').")
+              help="Resume an interrupted run with its stored settings; TASK_SPEC must be the run's own task "
+                   "('-' asks on a terminal before loading the task the store names).")
 @click.option("--allow-removed", is_flag=True,
               help="Score training examples whose removal was applied in this model version's lineage.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bars (phase lines with elapsed times still go to stderr).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (and nothing else).")
 def run(db, task_spec, approximator, options, freeze, freeze_options, task_options, train_data, test_data,
         model_version, dataset, device, seed, dtype, memory_budget_mb, test_chunk_size, no_self_influence, resume,
         allow_removed, quiet, as_json):
@@ -135,20 +185,28 @@ def run(db, task_spec, approximator, options, freeze, freeze_options, task_optio
 
     Example: influence-store run examples/digits_noisy.py:task -a exact -o damping 0.001
     """
+    from ..phases import Phases
     from ..runs import execute_run
+    from ..trust import UntrustedTaskError
 
-    store = open_store(db)
+    store = open_store(db, create=True)
     task_opts = pairs(task_options)
     if train_data:
         task_opts["train_data"] = train_data
     if test_data:
         task_opts["test_data"] = test_data
-    result = execute_run(store, task_spec, task_options=task_opts, approximator=approximator,
-                         options=pairs(options), freeze=freeze, freeze_options=pairs(freeze_options),
-                         model_version=model_version, dataset=dataset, device=device, seed=seed, dtype=dtype,
-                         memory_budget_mb=memory_budget_mb, test_chunk_size=test_chunk_size,
-                         self_influence=not no_self_influence, progress=not quiet and not as_json, resume=resume,
-                         allow_removed=allow_removed)
+    if resume is not None and task_spec == "-" and store.run(resume)["status"] != "done":
+        task_spec = confirm_stored_task(store.run(resume), task_spec)
+    try:
+        result = execute_run(store, task_spec, task_options=task_opts, approximator=approximator,
+                             options=pairs(options), freeze=freeze, freeze_options=pairs(freeze_options),
+                             model_version=model_version, dataset=dataset, device=device, seed=seed, dtype=dtype,
+                             memory_budget_mb=memory_budget_mb, test_chunk_size=test_chunk_size,
+                             self_influence=not no_self_influence, progress=not quiet and not as_json,
+                             resume=resume, allow_removed=allow_removed, phases=Phases(enabled=not as_json))
+    except UntrustedTaskError as exc:
+        raise click.ClickException(f"{exc}: influence-store run {shlex.quote(exc.spec)} --resume {exc.run_id}") \
+            from None
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
@@ -157,11 +215,12 @@ def run(db, task_spec, approximator, options, freeze, freeze_options, task_optio
 
 
 @cli.group(invoke_without_command=True)
+@output_options
 @click.pass_context
-def runs(ctx):
-    """List runs, or show one."""
+def runs(ctx, fmt):
+    """List runs (`runs` = `runs list`, with --json/--csv too), or show one."""
     if ctx.invoked_subcommand is None:
-        ctx.invoke(runs_list)
+        ctx.invoke(runs_list, as_json=fmt == "json", as_csv=fmt == "csv")
 
 
 RUN_COLUMNS = ["id", "status", "model_version", "approximator", "freeze", "n_train", "n_test", "chunks_done",
@@ -171,11 +230,17 @@ RUN_COLUMNS = ["id", "status", "model_version", "approximator", "freeze", "n_tra
 @runs.command("list")
 @db_option
 @click.option("--version", "version", default=None, help="Only runs of this model version.")
-@click.option("--status", default=None, type=click.Choice(["pending", "running", "done", "failed"]))
+@click.option("--status", default=None, help="Only runs with this status (pending, running, done, failed, ...).")
 @output_options
 def runs_list(db=None, version=None, status=None, fmt="table"):
     """All runs with their status and settings."""
-    emit(open_store(db).runs(version=version, status=status), fmt, RUN_COLUMNS)
+    from ..store_file import list_runs, sqlite_path
+
+    if sqlite_path(db) is not None:  # plain sqlite3: a listing should start as fast as --help
+        found = list_runs(db, version=version, status=status)
+    else:
+        found = open_store(db).runs(version=version, status=status)
+    emit(found, fmt, RUN_COLUMNS)
 
 
 @runs.command("show")
@@ -198,11 +263,14 @@ def runs_show(db, run_id, fmt):
 @db_option
 @click.argument("run_id")
 @click.option("--test", "test_key", default=None, help="Key of one test example (default: aggregate over all).")
-@click.option("--top", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option("--by", default="sum", type=click.Choice(["sum", "mean"]), show_default=True,
-              help="Aggregate used to rank when no --test is given.")
+@click.option("--top", default=10, show_default=True, type=int, callback=at_least_one,
+              help="How many training examples per group.")
+@click.option("--rank-by", "rank_by", default=None, type=click.Choice(["sum", "mean"]),
+              help="Aggregate used to rank when no --test is given [default: sum].")
+@click.option("--by", "by", default=None, type=click.Choice(["sum", "mean"]), hidden=True)  # old name of --rank-by
+@click.option("--partial", is_flag=True, help="Read an unfinished run (its scores cover only the chunks stored).")
 @output_options
-def scores(db, run_id, test_key, top, by, fmt):
+def scores(db, run_id, test_key, top, rank_by, by, partial, fmt):
     """Most helpful and most harmful training examples, for one test example or over the test set.
 
     Scores: positive = helpful (removing it would raise the test loss), negative = harmful.
@@ -210,20 +278,31 @@ def scores(db, run_id, test_key, top, by, fmt):
     Example: influence-store scores 1 --test digit-17 --top 5 --json
     """
     store = open_store(db)
-    store.run(run_id)  # clear error for an unknown run
+    check_finished(store.run(run_id), partial)  # also a clear error for an unknown run
     if test_key is not None:
         result = store.top_scores(int(run_id), test_key, top)
         columns = ["key", "label", "score", "loss"]
     else:
-        result = store.top_aggregate(int(run_id), top, by=by)
+        result = store.top_aggregate(int(run_id), top, by=rank_by or by or "sum")
         columns = ["key", "label", "sum", "mean", "hurts", "loss", "self_influence"]
     if fmt == "json":
         emit({"run_id": int(run_id), "test": test_key, **result}, fmt)
         return
+    if fmt == "csv":  # one table: a group column instead of a second header
+        emit([{"group": name, **r} for name in ("harmful", "helpful") for r in result[name]], fmt, ["group"] + columns)
+        return
     for name in ("harmful", "helpful"):
-        rows = [{"group": name, **r} for r in result[name]]
-        if fmt == "csv":
-            emit(rows, fmt, ["group"] + columns)
-        else:
-            click.echo(f"most {name}:")
-            emit(rows, fmt, columns)
+        click.echo(f"most {name}:")
+        emit(result[name], fmt, columns)
+
+
+def check_finished(run: dict, partial: bool) -> None:
+    """Reading an unfinished run needs --partial, and then says how much of it there is."""
+    if run["status"] == "done":
+        return
+    what = (f"run {run['id']} is {run['status']}, with {run['chunks_done']} of {run['chunks_total']} test chunks "
+            f"stored")
+    if not partial:
+        raise click.ClickException(f"{what}; finish it (influence-store run TASK --resume {run['id']}) or pass "
+                                   f"--partial to read the stored part")
+    click.echo(f"warning: {what}; results cover only that part of the test set", err=True)
