@@ -108,6 +108,7 @@ def test_reads_of_an_older_schema_ask_for_db_upgrade_and_db_status_works(tmp_pat
     assert status.exit_code == 0, status.output
     shown = json.loads(status.output)
     assert shown["revision"] == "0001" and "proposals" not in shown["rows"] and shown["rows"]["runs"] == 0
+    assert invoke("--db", old, "db", "backup", tmp_path / "before-upgrade.db").exit_code == 0  # any revision
     assert file_state(old) == before
     assert invoke("--db", old, "db", "upgrade").exit_code == 0
     assert invoke("--db", old, "runs", "--json").output.strip() == "[]"

@@ -139,7 +139,16 @@ def db_downgrade(db, revision, yes):
 @click.argument("target")
 def db_backup(db, target):
     """Copy a consistent snapshot of the store to TARGET (safe while a run writes)."""
-    open_store(db).backup(target)
+    from ..store import Store
+    from ..store_file import check_sqlite_file, sqlite_path
+
+    path = sqlite_path(db)
+    if path is not None:
+        check_sqlite_file(path, db or str(path))
+    store = Store(db, create=False, upgrade=False)  # any revision: a backup before an upgrade is the point
+    if store.revision() is None:
+        raise click.ClickException(f"{store.location!r} is not an influence-store database (no schema revision)")
+    store.backup(target)
     click.echo(f"backed up to {target}")
 
 
