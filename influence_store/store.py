@@ -61,7 +61,6 @@ class Store:
     def __init__(self, location: str | None = None, *, upgrade: bool = True, create: bool = True) -> None:
         self.url = database_url(location)
         self.location = location or default_location()
-        self.writes = upgrade  # a store opened without upgrading is read: its journal mode stays as it is
         try:
             self.is_sqlite = make_url(self.url).get_backend_name() == "sqlite"
         except Exception as exc:  # sqlalchemy.exc.ArgumentError: not a URL it can parse
@@ -122,8 +121,6 @@ class Store:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=60000")
-            if self.writes and self.path.exists() and os.access(self.path, os.W_OK):
-                cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 
@@ -183,6 +180,14 @@ class Store:
             raise InfluenceStoreError(
                 f"store {self.location!r} has schema revision {current!r}, newer than this influence-store "
                 f"knows (head {head!r}); upgrade influence-store (pip install -U influence-store)")
+        if current is None:
+            from sqlalchemy import inspect
+
+            with self.engine.connect() as connection:
+                tables = inspect(connection).get_table_names()
+            if tables:  # someone else's database: adding our tables to it would be a surprise
+                raise InfluenceStoreError(f"{self.location!r} holds other tables ({', '.join(sorted(tables)[:3])}) "
+                                          f"and is not an influence-store database; give a new path with --db")
         if self.is_sqlite and self.path.exists() and not os.access(self.path, os.W_OK):
             raise InfluenceStoreError(f"store {self.location!r} needs a schema upgrade but is read-only")
         try:
@@ -190,9 +195,12 @@ class Store:
                 command.upgrade(_alembic_config(connection), "head")
         except OperationalError as exc:
             raise InfluenceStoreError(f"cannot upgrade store {self.location!r}: {_reason(exc)}") from None
-        if self.is_sqlite:
-            with self.engine.connect() as connection:
-                connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+        if self.is_sqlite:  # set once, when the store is created or upgraded; it persists in the file
+            raw = self.engine.raw_connection()  # outside any transaction: SQLite refuses it inside one
+            try:
+                raw.driver_connection.execute("PRAGMA journal_mode=WAL")
+            finally:
+                raw.close()
 
     @contextmanager
     def session(self, read: bool = False) -> Iterator[Session]:

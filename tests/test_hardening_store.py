@@ -96,6 +96,16 @@ def test_a_read_leaves_someone_elses_sqlite_file_alone(args, tmp_path):
     assert file_state(theirs) == before
 
 
+def test_init_and_run_do_not_add_tables_to_someone_elses_database(tmp_path):
+    theirs = tmp_path / "theirs.db"
+    with sqlite3.connect(theirs) as connection:
+        connection.execute("CREATE TABLE birds (name TEXT)")
+    before = file_state(theirs)
+    for args in (["init"], ["run", "x.py:task"], ["versions", "add", "v1"], ["propose", "1"]):
+        one_line_error(invoke("--db", theirs, *args), "holds other tables (birds)", "not an influence-store database")
+    assert file_state(theirs) == before
+
+
 def test_reads_of_an_older_schema_ask_for_db_upgrade_and_db_status_works(tmp_path):
     old = tmp_path / "old.db"
     engine = Store(str(old), upgrade=False).engine
