@@ -8,6 +8,7 @@ well in a CI log.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -16,11 +17,19 @@ from typing import Iterator
 
 
 ANNOUNCE_AFTER = 3.0  # seconds: quicker steps stay silent, so short commands print only their result
+ANNOUNCE_ENV = "INFLUENCE_STORE_PHASE_SECONDS"  # overrides it (the tests silence phases with a large value)
+
+
+def announce_after() -> float:
+    try:
+        return float(os.environ.get(ANNOUNCE_ENV) or ANNOUNCE_AFTER)
+    except ValueError:
+        return ANNOUNCE_AFTER
 
 
 class Phases:
     """``with phases.step("loading task"):`` prints ``loading task ...`` once the step has taken
-    ANNOUNCE_AFTER seconds, and then ``loading task: 31.2 s`` when it ends."""
+    ``announce_after()`` seconds, and then ``loading task: 31.2 s`` when it ends."""
 
     def __init__(self, enabled: bool = True, stream=None) -> None:
         self.enabled = enabled
@@ -43,7 +52,7 @@ class Phases:
                     state["announced"] = True
                     self.say(f"{name} ...")
 
-        timer = threading.Timer(ANNOUNCE_AFTER, announce)
+        timer = threading.Timer(announce_after(), announce)
         timer.daemon = True
         timer.start()
         try:

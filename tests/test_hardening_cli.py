@@ -230,9 +230,7 @@ def test_a_checkpoint_that_is_a_device_fails_instead_of_hanging(db):
 # ---------- phases ----------
 
 def test_a_run_names_its_phases_with_elapsed_times(spec, tmp_path, monkeypatch):
-    from influence_store import phases
-
-    monkeypatch.setattr(phases, "ANNOUNCE_AFTER", 0.0)  # every phase of this small run counts as long
+    monkeypatch.setenv("INFLUENCE_STORE_PHASE_SECONDS", "0")  # every phase of this small run counts as long
     result = CliRunner().invoke(cli, ["--db", str(tmp_path / "p.db"), "run", spec, "-a", "exact", "--quiet"])
     assert result.exit_code == 0, result.output
     lines = result.stderr.splitlines()
