@@ -86,7 +86,9 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
     check_request(test_chunk_size, memory_budget_mb, model_version, dataset)
     if resume is not None:
         previous = store.run(resume)
-        if previous["status"] == "done":  # nothing to compute, so nothing to load
+        if previous["status"] == "done" and not isinstance(spec, Task):  # nothing to compute: nothing to load
+            if spec not in (None, "-"):
+                stored_task(previous, spec, task_options)  # naming another task is still an error
             return RunResult(previous["id"], "done", "existing", time.perf_counter() - started)
         # The fingerprint hashes what was asked for (dtype None, chunk size None = automatic), not what it
         # resolved to, so resume from the stored request; runs stored without one fall back to the settings.
