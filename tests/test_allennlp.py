@@ -92,7 +92,8 @@ ENCODERS = {  # AllenNLP's own seq2vec encoders, sized for a few seconds of trai
 }
 
 
-def train_archive(directory, train_path, embedding_dim=6, epochs=15, encoder="bag", dropout=None):
+def train_archive(directory, train_path, embedding_dim=6, epochs=15, encoder="bag", dropout=None,
+                  reader="influence_store_test_jsonl"):
     """Train a BasicClassifier with `allennlp train`'s own code path; returns its model.tar.gz."""
     model = {"type": "basic_classifier",
              "text_field_embedder": {"token_embedders": {"tokens": {"type": "embedding",
@@ -102,7 +103,7 @@ def train_archive(directory, train_path, embedding_dim=6, epochs=15, encoder="ba
         model["dropout"] = dropout
     config = {
         # Every sentence has >= 2 tokens: the CNN's widest filter always sees a real token.
-        "dataset_reader": {"type": "influence_store_test_jsonl", "tokenizer": {"type": "whitespace"},
+        "dataset_reader": {"type": reader, "tokenizer": {"type": "whitespace"},
                            "token_indexers": {"tokens": {"type": "single_id", "token_min_padding_length": 2}}},
         "train_data_path": str(train_path),
         "model": model,
