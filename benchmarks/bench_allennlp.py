@@ -5,7 +5,7 @@ offline sentiment-like JSONL (the generator of tests/test_allennlp.py; training 
 fresh Python processes are timed from start to exit, imports included, in interleaved rounds (the
 minimum of each side is kept):
 
-- SimpleInfluence's script: ``SimpleInfluence.from_path(archive, train_data_path=...)`` with its
+- SimpleInfluence's script: ``InfluenceInterpreter.from_path(archive, train_data_path=...)`` (SimpleInfluence) with its
   defaults (LiSSA batch 8, damping 3e-3, scale 1e4, recursion depth 0.25 of an epoch) and
   ``interpret_from_file(test, k=n_train)``;
 - ``influence-store run allennlp:ARCHIVE --train-data ... --test-data ... --no-self-influence --quiet``
@@ -35,9 +35,9 @@ HERE = Path(__file__).resolve().parent
 SIMPLE_INFLUENCE = """
 import json, sys, warnings
 warnings.simplefilter("ignore")
-from allennlp.interpret.influence_interpreters import SimpleInfluence
+from allennlp.interpret.influence_interpreters import InfluenceInterpreter
 archive, train, test, out = sys.argv[1:5]
-interpreter = SimpleInfluence.from_path(archive, train_data_path=train)
+interpreter = InfluenceInterpreter.from_path(archive, train_data_path=train)  # SimpleInfluence, its defaults
 outputs = interpreter.interpret_from_file(test, k=len(interpreter.train_instances))
 position = {id(x.instance): i for i, x in enumerate(interpreter.train_instances)}
 rows = []

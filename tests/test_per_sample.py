@@ -144,3 +144,38 @@ def test_gradients_are_taken_even_under_no_grad():
         with torch.no_grad():
             grads = tracked.per_example_grads("test", range(4))
         assert grads.abs().sum() > 0
+
+
+class Dropped(Twin):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.out(self.drop(torch.tanh(self.hidden(x))))
+
+
+def test_model_mode_is_part_of_a_runs_identity(tmp_path):
+    """eval and train are two runs; train again (same seed) is the stored run; resume keeps the mode;
+    the run records the gradient path, and load time apart from compute time."""
+    from influence_store.runs import execute_run
+    from influence_store.store import Store
+
+    torch.manual_seed(3)
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    task = ist.Task(Dropped().double(), ce_loss, TensorDataset(x, y), TensorDataset(x[:4], y[:4]), l2=0.01)
+    store = Store(str(tmp_path / "modes.db"))
+    options = {"depth_iters": 3, "scale": 10.0}
+    evaluated = execute_run(store, task, options=options, self_influence=False)
+    trained = execute_run(store, task, options=options, self_influence=False, model_mode="train")
+    again = execute_run(store, task, options=options, self_influence=False, model_mode="train")
+    assert trained.run_id != evaluated.run_id and again.run_id == trained.run_id and again.outcome == "existing"
+    assert execute_run(store, task, resume=trained.run_id).run_id == trained.run_id
+    run = store.run(trained.run_id)
+    assert run["settings"]["model_mode"] == "train" and run["settings"]["requested"]["model_mode"] == "train"
+    assert run["diagnostics"]["grad_path"]["path"] == "vmap"
+    assert run["diagnostics"]["seconds_load"] >= 0 and run["diagnostics"]["seconds_compute"] > 0
+    test_id = store.example_ids(trained.run_id, "test")[0]
+    train_scores = dict(store.score_rows(trained.run_id, test_id))
+    eval_scores = dict(store.score_rows(evaluated.run_id, test_id))
+    assert any(abs(train_scores[k] - eval_scores[k]) > 1e-6 for k in train_scores)  # dropout was on
