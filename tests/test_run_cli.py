@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import sqlite3
+from contextlib import closing
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,7 @@ import influence_store.cli.commands  # noqa: F401  (attaches the built-in comman
 from influence_store.cli.main import cli
 from influence_store.scoring import SIGN_CONVENTION, compute_scores
 from influence_store.store import head_revision
+from stored import connect_with_scores
 
 TESTS = Path(__file__).parent
 
@@ -103,7 +105,7 @@ def snapshot(path):
 
 def score_matrix(path, run_id):
     """[n_test, n_train] by position, the number of rows, and the number of distinct (test, train) pairs."""
-    with sqlite3.connect(path) as connection:
+    with closing(connect_with_scores(path)) as connection:
         position = {(split, e): p for split, p, e in connection.execute(
             "SELECT split, position, example_id FROM run_examples WHERE run_id = ?", (run_id,))}
         rows = connection.execute("SELECT test_example_id, train_example_id, score FROM scores WHERE run_id = ?",
