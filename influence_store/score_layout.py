@@ -28,7 +28,8 @@ SIDES = ("helpful", "harmful")
 
 def encode(values: np.ndarray) -> tuple[str, list[bytes]]:
     """A chunk's rows as blobs: float32 when every value survives the round trip exactly, else float64."""
-    narrow = values.astype("<f4")
+    with np.errstate(over="ignore"):  # a value beyond float32's range simply is not exact in it
+        narrow = values.astype("<f4")
     if np.array_equal(narrow.astype(np.float64), values):
         return "<f4", [row.tobytes() for row in narrow]
     wide = values.astype("<f8", copy=False)

@@ -23,6 +23,7 @@ from influence_store.cli.main import cli
 from influence_store.scoring import SIGN_CONVENTION, compute_scores
 from influence_store.store import head_revision
 from stored import connect_with_scores
+from stored import sql as stored_sql
 
 TESTS = Path(__file__).parent
 
@@ -164,7 +165,7 @@ def test_same_command_again_reports_the_stored_run_and_a_changed_option_adds_one
 
     changed = ok_json(invoke(*base[:-1], "0.01", "--json"))
     assert changed["run_id"] != first["run_id"] and changed["outcome"] == "computed"
-    assert len(snapshot(db)["scores"]) == 2 * 30 * 120
+    assert len(stored_sql(db, "SELECT * FROM scores")) == 2 * 30 * 120
     assert [r["id"] for r in ok_json(invoke("--db", db, "runs", "list", "--json"))] == [first["run_id"],
                                                                                        changed["run_id"]]
 
