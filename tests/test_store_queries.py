@@ -1,8 +1,10 @@
 """The plain-SQL queries documented in docs/store.md answer what `influence-store scores` answers, and the
 ranked rows and aggregates the store keeps agree with every stored score (checked with numpy here)."""
 
+import json
 import re
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from influence_store.runs import execute_run
 from influence_store.score_layout import EXTREMES_PER_SIDE
 from influence_store.scoring import compute_scores
 from influence_store.store import Store
+from stored import connect_with_scores
 from tasks import small_breast_cancer_task
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "store.md"
@@ -34,9 +37,8 @@ def stored(tmp_path_factory):
 
 
 def cli_json(path, *args):
-    result = CliRunner().invoke(cli, ["scores", "--db", str(path), *map(str, args), "--json"])
+    result = CliRunner().invoke(cli, ["--db", str(path), "scores", *map(str, args), "--json"])
     assert result.exit_code == 0, result.output
-    import json
     return json.loads(result.output)
 
 
@@ -102,3 +104,50 @@ def test_top_scores_beyond_the_stored_extremes_reads_the_whole_block(stored):
     row = reference[5]
     assert [r["key"] for r in top["helpful"]] == [train_keys[i] for i in sorted(range(120), key=lambda i: (-row[i], i))]
     assert [r["score"] for r in top["harmful"]] == sorted(row.tolist())
+
+
+# ---------- the bundled example answers as it did with one row per score ----------
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory):
+    db = tmp_path_factory.mktemp("bundled") / "store.db"
+    spec = str(Path(__file__).resolve().parent.parent / "examples" / "digits_noisy.py") + ":task"
+    result = CliRunner().invoke(cli, ["--db", str(db), "run", spec, "-a", "exact", "-o", "damping", "0.001",
+                                      "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    return db
+
+
+def test_scores_and_propose_answer_as_with_one_row_per_score(bundled):
+    """The SQL the row-per-score store ran, over one row per score (decoded once from the blocks)."""
+    db = bundled
+    with closing(connect_with_scores(db)) as rows_layout:
+        def old_sql(_, query, *params):
+            return rows_layout.execute(query, params).fetchall()
+
+        check_answers(db, old_sql)
+
+
+def check_answers(db, old_sql):
+    test_keys = [k for (k,) in old_sql(db, "SELECT e.key FROM run_examples r JOIN examples e ON e.id = r.example_id "
+                                           "WHERE r.run_id = 1 AND r.split = 'test' ORDER BY r.position")]
+    for key in test_keys[::150]:
+        shown = cli_json(db, 1, "--test", key, "--top", 10)
+        for side, order in (("helpful", "DESC"), ("harmful", "ASC")):
+            before = old_sql(db, f"SELECT e.key, s.score FROM scores s JOIN examples e ON e.id = s.train_example_id "
+                                 f"JOIN examples t ON t.id = s.test_example_id WHERE s.run_id = 1 AND t.key = ? "
+                                 f"ORDER BY s.score {order} LIMIT 10", key)
+            assert [(r["key"], r["score"]) for r in shown[side]] == before
+    rows = old_sql(db, "SELECT e.key, SUM(s.score), AVG(s.score), SUM(s.score < 0) FROM scores s JOIN examples e "
+                       "ON e.id = s.train_example_id WHERE s.run_id = 1 GROUP BY s.train_example_id "
+                       "ORDER BY s.train_example_id")
+    by_sum = sorted(rows, key=lambda r: r[1])
+    shown = cli_json(db, 1, "--top", 10)
+    for side, expected in (("harmful", by_sum[:10]), ("helpful", by_sum[::-1][:10])):
+        assert [r["key"] for r in shown[side]] == [r[0] for r in expected]
+        assert [r["hurts"] for r in shown[side]] == [r[3] for r in expected]
+        assert [r["sum"] for r in shown[side]] == pytest.approx([r[1] for r in expected], rel=1e-12)
+        assert [r["mean"] for r in shown[side]] == pytest.approx([r[2] for r in expected], rel=1e-12)
+    proposed = CliRunner().invoke(cli, ["--db", str(db), "propose", "1", "--rule", "harmful", "--top", "10", "--json"])
+    assert proposed.exit_code == 0, proposed.output
+    assert [p["key"] for p in json.loads(proposed.output)] == [r[0] for r in by_sum[:10]]
