@@ -91,9 +91,11 @@ def _convert_run(connection, run_id: int) -> None:
         for _, train_id, score in group:
             values[position[train_id]] = score
         if np.isnan(values).any():
-            raise InfluenceStoreError(f"cannot upgrade the store: run {run_id}, test example {test_id}: scores for some training examples are "
-                               f"missing, so they cannot form a block; delete the run or restore its scores")
-        narrow = values.astype("<f4")
+            raise InfluenceStoreError(f"cannot upgrade the store: run {run_id}, test example {test_id}: scores "
+                                      f"for some training examples are missing, so they cannot form a block; "
+                                      f"delete the run or restore its scores")
+        with np.errstate(over="ignore"):
+            narrow = values.astype("<f4")
         encoding, blob = (("<f4", narrow.tobytes()) if np.array_equal(narrow.astype(np.float64), values)
                           else ("<f8", values.astype("<f8").tobytes()))
         connection.execute(sa.text("INSERT INTO score_blocks (run_id, test_example_id, encoding, scores) "
