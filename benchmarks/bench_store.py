@@ -4,11 +4,12 @@
     .venv/bin/python benchmarks/bench_store.py --quick    # 2,000 x 100, a smoke test
 
 1. Throughput of ``Store.write_chunk`` on SQLite (WAL, synchronous=NORMAL, the store's defaults): 20,000
-   train x 100 test random scores in chunks of 50 test examples (the 20,000 x 500 run below uses 65), each chunk one transaction with its progress
-   marker, float64 scores and float32-exact scores (a float32 model's). Baseline in the same process, same
-   data and chunking: the row-per-score layout this store used before (multi-row INSERTs into a ``scores``
-   table, the fastest way it was written). Best of repeats, per wall second and per CPU second. With
-   ``INFLUENCE_STORE_TEST_POSTGRES`` set (a SQLAlchemy URL), the same for PostgreSQL (``COPY``).
+   train x 100 test random scores in chunks of 50 test examples (about what the run of part 2 uses), each
+   chunk one transaction with its progress marker, float64 scores and float32-exact scores (a float32
+   model's). Baseline in the same process, same data and chunking: the row-per-score layout this store used
+   before (multi-row INSERTs into a ``scores`` table, the fastest way it was written). Best of repeats, per
+   wall second and per CPU second. With ``INFLUENCE_STORE_TEST_POSTGRES`` set (a SQLAlchemy URL), the same
+   for PostgreSQL (``COPY``).
 2. Share of a whole run: the 20,000 x 500 task (a 29,322-parameter tanh MLP on ``make_classification``,
    ``-a lissa`` with its defaults, no self-influence) through ``execute_run`` into a fresh store, against the
    same computation with nothing stored (``compute_scores``, every chunk), in the same process, rounds
