@@ -167,6 +167,6 @@ def test_upgrade_refuses_scores_missing_from_a_test_row_and_keeps_them(tmp_path)
             connection.execute(statement)
         connection.execute("DELETE FROM scores WHERE train_example_id = 2")
     before = table_rows(path)
-    with pytest.raises(InfluenceStoreError, match="run 1, test example 3: scores for some training examples are missing"):
+    with pytest.raises(InfluenceStoreError, match="run 1, test example 3: scores for some training examples"):
         Store(str(path))
     assert table_rows(path) == before
