@@ -154,13 +154,14 @@ def test_extreme_floats_round_trip_and_chunks_are_written_once(path):
 
 
 def test_negative_zero_is_stored_as_zero(path):
-    """SQLite keeps a REAL that equals an integer as that integer, so -0.0 reads back as 0.0: the one value
-    whose bits change (numerically equal)."""
+    """-0.0 reads back numerically equal as a SQL REAL (SQLite keeps a REAL that equals an integer as that
+    integer, so a row per score loses its sign); in its block it keeps even its sign bit."""
     store = Store(path)
     run_id, train_ids, test_ids = make_run(store, 2, 1)
     store.write_chunk(run_id, 0, test_ids, train_ids, np.array([[-0.0, 1.0]]))
     matrix, _ = stored_scores(path, run_id)
     assert matrix.tolist() == [[0.0, 1.0]]
+    assert np.signbit(store.score_matrix(run_id)[0, 0])
 
 
 @pytest.mark.parametrize("scores, test_slice, train_slice, fragment", [
