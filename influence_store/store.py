@@ -200,8 +200,8 @@ class Store(ScoreStore):
         with self.session(read=True) as s:
             counts = {model.__tablename__: s.scalar(select(func.count()).select_from(model))
                       for model in (Dataset, Example, ModelVersion, Run, Proposal, Verification)}
-            counts["scores"] = s.scalar(select(func.coalesce(func.sum(func.length(ScoreBlock.scores) / case(
-                (ScoreBlock.encoding == "<f4", 4), else_=8)), 0)))
+            counts["scores"] = int(s.scalar(select(func.coalesce(func.sum(func.length(ScoreBlock.scores) / case(
+                (ScoreBlock.encoding == "<f4", 4), else_=8)), 0))))  # every score: the blocks' lengths
         return {"location": self.location, "url": self.url, "revision": self.revision(),
                 "head": head_revision(), "rows": counts}
 
