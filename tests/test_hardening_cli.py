@@ -144,8 +144,10 @@ def test_a_terminal_user_sees_the_stored_task_and_decides(planted, monkeypatch):
 
 
 def test_naming_the_runs_own_task_resumes_and_verifies(db, spec):
-    sql(db, "DELETE FROM scores WHERE test_example_id IN (SELECT example_id FROM run_examples WHERE split = 'test' "
+    sql(db, "DELETE FROM score_blocks WHERE test_example_id IN (SELECT example_id FROM run_examples WHERE split = 'test' "
             "AND position >= 6)")
+    sql(db, "DELETE FROM score_extremes WHERE test_example_id IN (SELECT example_id FROM run_examples WHERE "
+            "split = 'test' AND position >= 6)")
     sql(db, "DELETE FROM run_chunks WHERE chunk_index >= 1")
     sql(db, "UPDATE runs SET status = 'failed', chunks_done = 1")
     resumed = ok(invoke("--db", db, "run", spec, "--resume", 1, "--json"))
