@@ -1,0 +1,204 @@
+"""EK-FAC and the layer view, checked against autograd, the exact solve and kronfluence."""
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import influence_store as ist
+from influence_store.errors import InfluenceStoreError
+from influence_store.freezing import tracked_parameters
+from influence_store.gradients import TrackedModel
+from influence_store.layers import LayerView
+from tasks import ce_loss
+
+
+def relative_error(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def squared_error(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).sum(-1)
+
+
+def linear_regression_task(n=200, d=6, outputs=3, l2=0.01):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n + 20, d, generator=g, dtype=torch.float64) * torch.linspace(0.3, 2, d, dtype=torch.float64)
+    y = torch.randn(n + 20, outputs, generator=g, dtype=torch.float64)
+    model = torch.nn.Linear(d, outputs).double()
+    return ist.Task(model, squared_error, TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:]), l2=l2)
+
+
+def approximator(task, name, freeze="all", **options):
+    from influence_store.options import parse_options
+    from influence_store.plugin_manager import lookup
+
+    entry = lookup("register_approximators", name)
+    model = TrackedModel(task, tracked_parameters(task.model, freeze))
+    instance = entry.cls(parse_options(entry.options_cls, options, name), model, seed=0)
+    instance.prepare()
+    return instance, model
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
+def test_equals_the_exact_inverse_where_the_gauss_newton_is_kronecker(strategy):
+    """One Linear layer with squared error: the Hessian is E[a a^T] (x) 2I, exactly Kronecker."""
+    task = linear_regression_task()
+    ekfac, model = approximator(task, "ekfac", strategy=strategy, fisher="gauss-newton", damping=1e-3)
+    exact, _ = approximator(task, "exact", damping=1e-3)
+    v = torch.randn(5, model.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert relative_error(ekfac.inverse_hvp(v), exact.inverse_hvp(v)) < 1e-9
+    assert ekfac.diagnostics["diagonal_parameters"] == []
+
+
+def test_the_empirical_fisher_is_not_the_hessian():
+    """The same model with the empirical Fisher differs (the check above can fail)."""
+    task = linear_regression_task()
+    ekfac, model = approximator(task, "ekfac", fisher="empirical", damping=1e-3)
+    exact, _ = approximator(task, "exact", damping=1e-3)
+    v = torch.randn(5, model.num_params, dtype=torch.float64)
+    assert relative_error(ekfac.inverse_hvp(v), exact.inverse_hvp(v)) > 0.05
+
+
+class Mixed(torch.nn.Module):
+    """Every layer kind the view knows, plus a LayerNorm (a diagonal block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(7, 4, padding_idx=0)
+        self.conv1 = torch.nn.Conv1d(4, 3, 3, padding=1, stride=2)
+        self.conv2 = torch.nn.Conv2d(1, 2, 3, padding=1, dilation=1, stride=2)
+        self.norm = torch.nn.LayerNorm(3)
+        self.head = torch.nn.Linear(3 + 8, 2)
+
+    def forward(self, batch):
+        tokens, image = batch
+        h = self.conv1(self.embed(tokens).transpose(1, 2)).mean(-1)
+        i = torch.tanh(self.conv2(image)).flatten(1)
+        return self.head(torch.cat([self.norm(h), i], dim=1))
+
+
+def mixed_task(n=24):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 7, (n, 6), generator=g)
+    images = torch.randn(n, 1, 4, 4, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    torch.manual_seed(0)
+    model = Mixed().double()
+
+    def loss(model, batch):
+        tokens, images, labels = batch
+        return torch.nn.functional.cross_entropy(model((tokens, images)), labels, reduction="none")
+
+    data = TensorDataset(tokens, images, labels)
+    return ist.Task(model, loss, data, data)
+
+
+def test_layer_view_rebuilds_autograd_per_example_gradients():
+    """sum_t ds a^T from the hooks equals vmap per-example gradients, for every layer kind."""
+    task = mixed_task()
+    model = TrackedModel(task, tracked_parameters(task.model, "all"))
+    view = LayerView(model)
+    assert [layer.kind for layer in view.layers] == ["embedding", "conv", "conv", "linear"]
+    assert view.diagonal_names == ["norm.weight", "norm.bias"]
+    indices = list(range(len(task.train)))
+    (captured,) = list(view.captures(indices, "empirical"))
+    expected = model.per_example_grads("train", indices)
+    for layer, block, (a, ds) in zip(view.layers, view.to_matrices(expected), captured):
+        assert relative_error(layer.per_example_grads(a, ds), block) < 1e-10, layer.name
+    # to_matrices / from_matrices / diagonal round-trip the flat vector
+    back = view.from_matrices(view.to_matrices(expected), torch.zeros_like(expected))
+    back = view.set_diagonal(view.diagonal(expected), back)
+    assert torch.equal(back, expected)
+
+
+def test_gauss_newton_fisher_sums_to_the_gauss_newton_matrix():
+    """The per-output passes' gradient outer products sum to J^T H_out J (checked with jacobians)."""
+    task = mixed_task(n=6)
+    model = TrackedModel(task, tracked_parameters(task.model, "all"))
+    view = LayerView(model)
+    head = view.layers[-1]
+    indices = list(range(6))
+    total = sum(torch.einsum("boi,bpj->oipj", *(2 * [head.per_example_grads(*c[-1])]))
+                for c in view.captures(indices, "gauss-newton"))
+    x = task.batch("train", indices)
+    features = {}
+    task.model.head.register_forward_hook(lambda m, i, o: features.update(a=i[0]))
+    logits = task.model((x[0], x[1]))
+    p = logits.softmax(-1).detach()
+    a = torch.cat([features["a"].detach(), torch.ones(6, 1, dtype=torch.float64)], 1)
+    h_out = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # softmax cross-entropy curvature
+    expected = torch.einsum("bop,bi,bj->oipj", h_out, a, a)  # J = I (x) a for the head's [out, in] block
+    assert relative_error(total, expected) < 1e-10
+
+
+def test_diagonal_block_for_other_parameters_is_recorded():
+    task = mixed_task()
+    ekfac, model = approximator(task, "ekfac", fisher="empirical", damping=0.1)
+    assert ekfac.diagnostics["diagonal_parameters"] == ["norm.weight", "norm.bias"]
+    grads = model.per_example_grads("train", list(range(len(task.train))))
+    v = torch.randn(2, model.num_params, dtype=torch.float64)
+    view = LayerView(model)
+    expected = view.diagonal(v) / (view.diagonal(grads).pow(2).mean(0) + 0.1)
+    assert relative_error(view.diagonal(ekfac.inverse_hvp(v)), expected) < 1e-10
+
+
+def digits_small(n=150, hidden=8):
+    """A tanh MLP on digits (610 parameters), float64, trained briefly: a non-convex model whose
+    Hessian + 0.01 is positive definite, so CG on it converges."""
+    from sklearn.datasets import load_digits
+
+    from tasks import DigitsMLP
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16.0), torch.tensor(y)
+    torch.manual_seed(0)
+    model = DigitsMLP(hidden).double()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        optimizer.zero_grad()
+        ce_loss(model, (x[:n], y[:n])).mean().backward()
+        optimizer.step()
+    return ist.Task(model, ce_loss, TensorDataset(x[:n], y[:n]), TensorDataset(x[n:n + 8], y[n:n + 8]), l2=1e-3)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    task = digits_small()
+    exact, model = approximator(task, "exact", damping=0.01)
+    g = model.per_example_grads("test", list(range(8)))
+    return task, g, exact.inverse_hvp(g)
+
+
+def test_refinement_converges_to_exact(digits):
+    task, g, truth = digits
+    ekfac, model = approximator(task, "ekfac", damping=0.01, refine_iters=200, refine_tol=1e-9)
+    refined = ekfac.inverse_hvp(g)
+    assert relative_error(refined, truth) < 1e-6
+    assert relative_error(ekfac.precondition(g), truth) > 1e-2  # refinement did the work
+    trace = ekfac.diagnostics["refine_residual_traces"][0]
+    assert trace[-1] < 1e-9 < trace[0] and len(trace) == ekfac.diagnostics["refine_curvature_products"]
+    few, _ = approximator(task, "ekfac", damping=0.01, refine_iters=2)
+    assert relative_error(few.inverse_hvp(g), truth) > 1e-6  # the iteration count is honoured
+    assert len(few.diagnostics["refine_residual_traces"][0]) == 3
+
+
+def test_refinement_on_the_gauss_newton_matrix_reduces_its_residual(digits):
+    from influence_store.layers import gauss_newton_product
+
+    task, g, _ = digits
+    ekfac, model = approximator(task, "ekfac", fisher="gauss-newton", damping=0.01, refine_iters=5,
+                                refine_curvature="gauss-newton")
+    refined = ekfac.inverse_hvp(g[:2])
+    trace = ekfac.diagnostics["refine_residual_traces"][0]
+    assert trace[-1] < trace[0] / 3
+    residual = g[:2] - gauss_newton_product(LayerView(model), refined) - 0.01 * refined
+    assert float((residual.norm(dim=1) / g[:2].norm(dim=1)).max()) == pytest.approx(trace[-1], rel=1e-6)
+
+
+def test_bad_options_are_clear_errors():
+    task = linear_regression_task()
+    with pytest.raises(InfluenceStoreError, match="strategy must be ekfac or kfac"):
+        ist.compute_scores(task, approximator="ekfac", options={"strategy": "kfc"})
+    with pytest.raises(InfluenceStoreError, match="fisher must be one of"):
+        ist.compute_scores(task, approximator="ekfac", options={"fisher": "real"})
