@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import (CheckConstraint, Float, ForeignKey, Index, Integer, MetaData, PrimaryKeyConstraint,
-                        String, Text, UniqueConstraint)
+from sqlalchemy import (CheckConstraint, Float, ForeignKey, Index, Integer, LargeBinary, MetaData,
+                        PrimaryKeyConstraint, String, Text, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -118,6 +118,18 @@ class RunExample(Base):
     example_id: Mapped[int] = mapped_column(ForeignKey("examples.id"))
     loss: Mapped[float] = mapped_column(Float)
     self_influence: Mapped[float | None] = mapped_column(Float)
+
+
+class RunArtifact(Base):
+    """A blob an approximator fitted for a run (e.g. EK-FAC factors), so a resumed run reuses it."""
+
+    __tablename__ = "run_artifacts"
+    __table_args__ = (PrimaryKeyConstraint("run_id", "name"),)
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_utc: Mapped[str] = mapped_column(String(40), default=utcnow)
 
 
 class RunChunk(Base):

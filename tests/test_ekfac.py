@@ -202,3 +202,93 @@ def test_bad_options_are_clear_errors():
         ist.compute_scores(task, approximator="ekfac", options={"strategy": "kfc"})
     with pytest.raises(InfluenceStoreError, match="fisher must be one of"):
         ist.compute_scores(task, approximator="ekfac", options={"fisher": "real"})
+
+
+class SmallCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, stride=2)
+        self.fc = torch.nn.Linear(4 * 3 * 3, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv2(torch.relu(self.conv(x))))
+        return self.fc(h.flatten(1))
+
+
+def trained_classifier(kind, n_train=256, n_test=12):
+    """The digits MLP or a small CNN on 8x8 digit images, float32, trained briefly with Adam."""
+    from sklearn.datasets import load_digits
+
+    from tasks import DigitsMLP
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+    if kind == "cnn":
+        x = x.reshape(-1, 1, 8, 8)
+    torch.manual_seed(0)
+    model = DigitsMLP(16) if kind == "mlp" else SmallCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        optimizer.zero_grad()
+        ce_loss(model, (x[:n_train], y[:n_train])).mean().backward()
+        optimizer.step()
+    train = TensorDataset(x[:n_train], y[:n_train])
+    test = TensorDataset(x[n_train:n_train + n_test], y[n_train:n_train + n_test])
+    return ist.Task(model, ce_loss, train, test)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
+def test_parity_with_kronfluence(kind, strategy):
+    """Pairwise scores against kronfluence's at the same Fisher (empirical: no sampling noise) and ridge."""
+    pytest.importorskip("kronfluence", reason="kronfluence 1.0.1 is a test extra (scripts/test.sh installs it)")
+    from kronfluence_peer import kronfluence_scores
+
+    task = trained_classifier(kind)
+    ridge = 1e-3
+    ours = ist.compute_scores(task, approximator="ekfac",
+                              options={"damping": ridge, "fisher": "empirical", "strategy": strategy})
+    matrix = ours.matrix()
+    peer, peer_self = kronfluence_scores(task.model, task.train, task.test, ridge=ridge, strategy=strategy,
+                                         self_influence=True)
+    columns = [float(torch.corrcoef(torch.stack([matrix[t], peer[t]]))[0, 1]) for t in range(len(task.test))]
+    assert min(columns) >= 0.99, columns
+    own = ours.self_influence()
+    assert float(torch.corrcoef(torch.stack([own, peer_self]))[0, 1]) >= 0.99
+    # the parity can fail: the Gauss-Newton factors give different scores
+    other = ist.compute_scores(task, approximator="ekfac", options={"damping": 1.0, "fisher": "empirical",
+                                                                    "strategy": strategy}).matrix()
+    assert relative_error(other, peer) > 0.05
+
+
+def test_resumed_run_reuses_the_stored_factors(monkeypatch):
+    from influence_store.runs import APPROXIMATOR_STATE, execute_run
+    from influence_store.store import Store
+
+    task = trained_classifier("mlp", n_train=64, n_test=4)
+    store = Store()
+    calls = []
+    original = Store.write_self_influence
+
+    def fail_once(self, run_id, values):
+        calls.append(run_id)
+        if len(calls) == 1:
+            raise InfluenceStoreError("disk full")
+        return original(self, run_id, values)
+
+    monkeypatch.setattr(Store, "write_self_influence", fail_once)
+    options = {"damping": 0.01}
+    with pytest.raises(InfluenceStoreError, match="disk full"):
+        execute_run(store, task, approximator="ekfac", options=options)
+    run_id = calls[0]
+    assert store.run(run_id)["status"] == "failed"
+    saved = store.artifact(run_id, APPROXIMATOR_STATE)
+    assert saved is not None
+    result = execute_run(store, task, approximator="ekfac", options=options, resume=run_id)
+    assert (result.run_id, result.outcome) == (run_id, "resumed")
+    assert store.run(run_id)["diagnostics"]["approximator"]["factors"] == "reused"
+    fresh = ist.compute_scores(task, approximator="ekfac", options=options)
+    stored = dict(store.score_rows(run_id, store.test_example_id(run_id, "0")))
+    assert len(stored) == 64
+    assert sorted(stored.values()) == pytest.approx(sorted(fresh.matrix()[0].tolist()), rel=1e-6)
