@@ -49,11 +49,10 @@ class Layer:
         if self.kind == "linear":
             a = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
         elif isinstance(m, torch.nn.Conv2d):
-            a = torch.nn.functional.unfold(inputs, m.kernel_size, dilation=m.dilation, padding=m.padding,
-                                           stride=m.stride).transpose(1, 2)
+            a = patches(inputs, m.kernel_size, m.dilation, m.padding, m.stride)
         else:  # Conv1d as a Conv2d of height 1
-            a = torch.nn.functional.unfold(inputs.unsqueeze(2), (1, m.kernel_size[0]), dilation=(1, m.dilation[0]),
-                                           padding=(0, m.padding[0]), stride=(1, m.stride[0])).transpose(1, 2)
+            a = patches(inputs.unsqueeze(2), (1, m.kernel_size[0]), (1, m.dilation[0]), (0, m.padding[0]),
+                        (1, m.stride[0]))
         if self.bias is not None:
             a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
         return a
@@ -71,6 +70,22 @@ class Layer:
             index = a.unsqueeze(1).expand(-1, self.out_dim, -1)
             return g.scatter_add_(2, index, ds.transpose(1, 2))
         return torch.einsum("bto,bti->boi", ds, a)
+
+
+def patches(x: Tensor, kernel, dilation, padding, stride) -> Tensor:
+    """``unfold(x).transpose(1, 2)``, [B, positions, C*kh*kw], from kh*kw strided slices (im2col is slow on
+    CPU in torch 2.13)."""
+    b, c = x.shape[:2]
+    x = torch.nn.functional.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    ho = (x.shape[2] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    wo = (x.shape[3] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    out = x.new_empty(b, ho, wo, c, kernel[0], kernel[1])
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            top, left = i * dilation[0], j * dilation[1]
+            piece = x[:, :, top:top + (ho - 1) * stride[0] + 1:stride[0], left:left + (wo - 1) * stride[1] + 1:stride[1]]
+            out[..., i, j] = piece.permute(0, 2, 3, 1)
+    return out.reshape(b, ho * wo, c * kernel[0] * kernel[1])
 
 
 def _supported(module: torch.nn.Module) -> bool:

@@ -238,14 +238,13 @@ def trained_classifier(kind, n_train=256, n_test=12):
     return ist.Task(model, ce_loss, train, test)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
-@pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
+@pytest.mark.parametrize("kind, strategy", [("mlp", "ekfac"), ("mlp", "kfac"), ("cnn", "ekfac")])
 def test_parity_with_kronfluence(kind, strategy):
     """Pairwise scores against kronfluence's at the same Fisher (empirical: no sampling noise) and ridge."""
     pytest.importorskip("kronfluence", reason="kronfluence 1.0.1 is a test extra (scripts/test.sh installs it)")
     from kronfluence_peer import kronfluence_scores
 
-    task = trained_classifier(kind)
+    task = trained_classifier(kind, n_train=256 if kind == "mlp" else 128)
     ridge = 1e-3
     ours = ist.compute_scores(task, approximator="ekfac",
                               options={"damping": ridge, "fisher": "empirical", "strategy": strategy})
