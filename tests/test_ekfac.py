@@ -143,8 +143,8 @@ def test_diagonal_block_for_other_parameters_is_recorded():
     assert relative_error(view.diagonal(ekfac.inverse_hvp(v)), expected) < 1e-10
 
 
-def digits_small(n=150, hidden=8):
-    """A tanh MLP on digits (610 parameters), float64, trained briefly: a non-convex model whose
+def digits_small(n=100, hidden=4):
+    """A tanh MLP on digits (310 parameters), float64, trained briefly: a non-convex model whose
     Hessian + 0.01 is positive definite, so CG on it converges."""
     from sklearn.datasets import load_digits
 
@@ -244,17 +244,18 @@ def test_parity_with_kronfluence(kind, strategy):
     pytest.importorskip("kronfluence", reason="kronfluence 1.0.1 is a test extra (scripts/test.sh installs it)")
     from kronfluence_peer import kronfluence_scores
 
-    task = trained_classifier(kind, n_train=256 if kind == "mlp" else 128)
+    task = trained_classifier(kind, n_train=128 if kind == "mlp" else 64, n_test=8)
     ridge = 1e-3
     ours = ist.compute_scores(task, approximator="ekfac",
                               options={"damping": ridge, "fisher": "empirical", "strategy": strategy})
     matrix = ours.matrix()
     peer, peer_self = kronfluence_scores(task.model, task.train, task.test, ridge=ridge, strategy=strategy,
-                                         self_influence=True)
+                                         self_influence=kind == "mlp")
     columns = [float(torch.corrcoef(torch.stack([matrix[t], peer[t]]))[0, 1]) for t in range(len(task.test))]
     assert min(columns) >= 0.99, columns
-    own = ours.self_influence()
-    assert float(torch.corrcoef(torch.stack([own, peer_self]))[0, 1]) >= 0.99
+    if peer_self is not None:
+        own = ours.self_influence()
+        assert float(torch.corrcoef(torch.stack([own, peer_self]))[0, 1]) >= 0.99
     # the parity can fail: the Gauss-Newton factors give different scores
     other = ist.compute_scores(task, approximator="ekfac", options={"damping": 1.0, "fisher": "empirical",
                                                                     "strategy": strategy}).matrix()
@@ -265,7 +266,7 @@ def test_resumed_run_reuses_the_stored_factors(monkeypatch):
     from influence_store.runs import APPROXIMATOR_STATE, execute_run
     from influence_store.store import Store
 
-    task = trained_classifier("mlp", n_train=64, n_test=4)
+    task = trained_classifier("mlp", n_train=32, n_test=2)
     store = Store()
     calls = []
     original = Store.write_self_influence
@@ -289,5 +290,15 @@ def test_resumed_run_reuses_the_stored_factors(monkeypatch):
     assert store.run(run_id)["diagnostics"]["approximator"]["factors"] == "reused"
     fresh = ist.compute_scores(task, approximator="ekfac", options=options)
     stored = dict(store.score_rows(run_id, store.test_example_id(run_id, "0")))
-    assert len(stored) == 64
+    assert len(stored) == 32
     assert sorted(stored.values()) == pytest.approx(sorted(fresh.matrix()[0].tolist()), rel=1e-6)
+
+
+def test_gauss_newton_product_equals_the_hessian_of_a_linear_model():
+    """Squared error on a Linear model: the Gauss-Newton matrix is the Hessian (autograd HVPs)."""
+    from influence_store.layers import gauss_newton_product
+
+    task = linear_regression_task(n=50)
+    model = TrackedModel(task, tracked_parameters(task.model, "all"))
+    v = torch.randn(3, model.num_params, dtype=torch.float64)
+    assert relative_error(gauss_newton_product(LayerView(model), v, batch_size=16), model.hvp(v)) < 1e-10

@@ -135,3 +135,5 @@ def test_earlier_revision_upgrades_to_head_keeping_its_data(tmp_path, revision):
     assert [r["key"] for r in store.self_influence(1)] == ["tr-b", "tr-a"]
     if "0002" in OLDEST_FIRST[:OLDEST_FIRST.index(revision) + 1]:
         assert [(p["status"], p["reviewer"]) for p in store.proposals()] == [("accepted", "ann")]
+    if "0003_run_artifacts" in OLDEST_FIRST[:OLDEST_FIRST.index(revision) + 1]:
+        assert store.artifact(1, "approximator_state") == b"\x00\xff\x10"
