@@ -6,17 +6,32 @@ Shared by tests/test_ekfac.py and benchmarks/bench_ekfac.py. Its covariances are
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import tempfile
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 
 def kronfluence_scores(model, train, test, *, ridge: float, fisher: str = "empirical", strategy: str = "ekfac",
-                       batch_size: int = 64, self_influence: bool = False, output_dir: str | None = None):
-    """(pairwise scores [n_test, n_train], self scores [n_train] or None) from kronfluence."""
+                       batch_size: int = 64, self_influence: bool = False, output_dir: str | None = None,
+                       release_memory: bool = True):
+    """(pairwise scores [n_test, n_train], self scores [n_train] or None) from kronfluence.
+
+    ``release_memory=False`` skips its housekeeping between stages (``gc.collect()`` and
+    ``torch.compiler.reset()``, most of its time on tiny test problems); the numbers do not change.
+    """
+    with contextlib.ExitStack() as stack:
+        if not release_memory:
+            for module in ("utils.state", "factor.eigen", "computer.computer", "score.self", "score.dot_product"):
+                stack.enter_context(mock.patch(f"kronfluence.{module}.release_memory", lambda: None))
+        return _scores(model, train, test, ridge, fisher, strategy, batch_size, self_influence, output_dir)
+
+
+def _scores(model, train, test, ridge, fisher, strategy, batch_size, self_influence, output_dir):
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task

@@ -12,6 +12,15 @@ from influence_store.layers import LayerView
 from tasks import ce_loss
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny problems: one thread is faster, and far faster on a machine busy with other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def relative_error(a, b):
     return float((a - b).norm() / b.norm())
 
@@ -228,8 +237,8 @@ def trained_classifier(kind, n_train=256, n_test=12):
         x = x.reshape(-1, 1, 8, 8)
     torch.manual_seed(0)
     model = DigitsMLP(16) if kind == "mlp" else SmallCNN()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
+    for _ in range(20):
         optimizer.zero_grad()
         ce_loss(model, (x[:n_train], y[:n_train])).mean().backward()
         optimizer.step()
@@ -250,7 +259,7 @@ def test_parity_with_kronfluence(kind, strategy):
                               options={"damping": ridge, "fisher": "empirical", "strategy": strategy})
     matrix = ours.matrix()
     peer, peer_self = kronfluence_scores(task.model, task.train, task.test, ridge=ridge, strategy=strategy,
-                                         self_influence=kind == "mlp")
+                                         self_influence=kind == "mlp", release_memory=False)
     columns = [float(torch.corrcoef(torch.stack([matrix[t], peer[t]]))[0, 1]) for t in range(len(task.test))]
     assert min(columns) >= 0.99, columns
     if peer_self is not None:
