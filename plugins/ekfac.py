@@ -317,7 +317,7 @@ def _diagonal_fisher(view, options):
     if not view.diagonal_names:
         return torch.zeros(0, dtype=torch.float64, device=tm.device)
     sub = TrackedModel(tm.task, view.diagonal_names, device=tm.device, dtype=tm.dtype,
-                       memory_budget_mb=tm.memory_budget / 2**20)
+                       memory_budget_mb=tm.memory_budget / 2**20, model_mode=getattr(tm, "mode", "eval"))
     total = torch.zeros(sub.num_params, dtype=torch.float64, device=tm.device)
     with torch.no_grad():
         for _, g in sub.grad_chunks("train"):
