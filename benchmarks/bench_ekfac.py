@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 
 class CNN(torch.nn.Module):
-    """Two conv + pool stages and two Linear layers: 962,698 parameters at width 1."""
+    """Two conv + pool stages and two Linear layers: 962,926 parameters at width 1."""
 
     def __init__(self, width: float = 1.0) -> None:
         super().__init__()
@@ -211,7 +211,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=int, default=None, help="training examples (50,000; --refine: 1,437)")
     parser.add_argument("--test", type=int, default=1000)
-    parser.add_argument("--width", type=float, default=1.0, help="CNN width multiplier (1.0: 962,698 parameters)")
+    parser.add_argument("--width", type=float, default=1.0, help="CNN width multiplier (1.0: 962,926 parameters)")
     parser.add_argument("--ridge", type=float, default=1e-3)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
