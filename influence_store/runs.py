@@ -158,9 +158,11 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
     store.start_run(run_id)
     try:
         train_ids, test_ids = store.example_ids(run_id, "train"), store.example_ids(run_id, "test")
-        # One writer thread stores chunk i while chunk i+1 is computed (torch releases the GIL), so
-        # persistence hides behind computation. At most one chunk is in flight; a failure in either
-        # thread stops the run, and a chunk already computed is still stored before it stops.
+        # One writer thread stores chunk i while chunk i+1 is computed. Neither holds the GIL for long:
+        # torch releases it, and a chunk is a few hundred rows (one blob per test example, score_layout.py)
+        # whose SQLite work runs with the GIL released, so the writer does not slow the computation.
+        # At most one chunk is in flight (a crash loses at most that one); a failure in either thread
+        # stops the run, and a chunk already computed is still stored before it stops.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="influence-store-writer") as writer:
             pending = None
             for chunk in computation.chunks(skip=store.done_chunks(run_id)):

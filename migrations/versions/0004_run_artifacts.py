@@ -1,14 +1,14 @@
 """Run artifacts: blobs an approximator fitted for a run (EK-FAC factors), reused on resume.
 
-Revision ID: 0003_run_artifacts
-Revises: 0002
+Revision ID: 0004_run_artifacts
+Revises: 0003_score_blocks
 Create Date: 2026-12-01
 """
 from alembic import op
 import sqlalchemy as sa
 
-revision = '0003_run_artifacts'
-down_revision = '0002'
+revision = '0004_run_artifacts'
+down_revision = '0003_score_blocks'
 branch_labels = None
 depends_on = None
 
