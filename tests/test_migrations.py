@@ -157,6 +157,7 @@ def test_earlier_revision_upgrades_to_head_keeping_its_data(tmp_path, revision):
                                   "ORDER BY side, rank").fetchall() == [
             ("harmful", 1, 2, -2.5e-300), ("harmful", 2, 1, 0.1), ("helpful", 1, 1, 0.1), ("helpful", 2, 2, -2.5e-300)]
 
+
 def test_upgrade_refuses_scores_missing_from_a_test_row_and_keeps_them(tmp_path):
     """A test example whose row of scores is incomplete cannot become a block: the upgrade stops, nothing lost."""
     path = tmp_path / "partial.db"
