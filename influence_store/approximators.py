@@ -37,6 +37,13 @@ class Approximator:
         """The ridge this approximator adds to H, recorded with the run."""
         return 0.0
 
+    def state(self) -> bytes | None:
+        """What ``prepare`` fitted, stored with the run so a resumed run reuses it (None: nothing)."""
+        return None
+
+    def load_state(self, data: bytes) -> None:
+        """Called before ``prepare`` with an earlier ``state()``; ignore data that does not fit."""
+
     def inverse_hvp(self, vectors: Tensor) -> Tensor:
         """Approximate ``(H + ridge)^-1 v`` for every row v of ``vectors`` [k, p]."""
         raise NotImplementedError

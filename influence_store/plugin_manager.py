@@ -30,6 +30,7 @@ ENTRY_POINT_GROUP = "influence_store"
 BUILTIN_PLUGINS = (
     "influence_store.plugins.lissa",
     "influence_store.plugins.exact",
+    "influence_store.plugins.ekfac",
     "influence_store.plugins.freezing",
     "influence_store.plugins.python_tasks",
     "influence_store.plugins.allennlp_tasks",

@@ -23,6 +23,9 @@ from .task import Task, content_hash, load_task
 from .trust import portable_spec, stored_task
 
 
+APPROXIMATOR_STATE = "approximator_state"  # the run artifact holding what the approximator fitted
+
+
 @dataclass
 class RunResult:
     run_id: int
@@ -148,11 +151,13 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
     if existing is not None and existing["status"] == "done":
         return RunResult(existing["id"], "done", "existing", time.perf_counter() - started)
 
+    state = store.artifact(existing["id"], APPROXIMATOR_STATE) if existing else None
     with phases.step(f"preparing {approximator} (losses, gradients, inverse-Hessian setup)"):
         computation = compute_scores(task, approximator, options, freeze, freeze_options, device=device, seed=seed,
                                      dtype=dtype, memory_budget_mb=memory_budget_mb,
                                      test_chunk_size=existing["settings"]["test_chunk_size"] if existing
-                                     else test_chunk_size, progress=progress, model_mode=model_mode)
+                                     else test_chunk_size, progress=progress, model_mode=model_mode,
+                                     approximator_state=state)
     if existing is None:
         run_id = store.create_run(
             version_name=model_version, weights_sha256=weights, train_dataset=dataset,
@@ -167,6 +172,9 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
         outcome = "computed" if status == "pending" else "resumed"
     else:
         run_id, outcome = existing["id"], "resumed"
+    fitted = computation.approximator.state() if state is None else None
+    if fitted is not None:  # e.g. EK-FAC factors: a resumed run loads them instead of fitting again
+        store.save_artifact(run_id, APPROXIMATOR_STATE, fitted)
     store.start_run(run_id)
     try:
         train_ids, test_ids = store.example_ids(run_id, "train"), store.example_ids(run_id, "test")

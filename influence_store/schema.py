@@ -120,6 +120,18 @@ class RunExample(Base):
     self_influence: Mapped[float | None] = mapped_column(Float)
 
 
+class RunArtifact(Base):
+    """A blob an approximator fitted for a run (e.g. EK-FAC factors), so a resumed run reuses it."""
+
+    __tablename__ = "run_artifacts"
+    __table_args__ = (PrimaryKeyConstraint("run_id", "name"),)
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_utc: Mapped[str] = mapped_column(String(40), default=utcnow)
+
+
 class RunChunk(Base):
     """Progress marker: a test chunk is done exactly when its row exists (committed with its scores)."""
 

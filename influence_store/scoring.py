@@ -123,7 +123,7 @@ def compute_scores(task: Task, approximator: str = "lissa", options: dict | None
                    freeze: str = "all", freeze_options: dict | None = None, device: str = "cpu",
                    seed: int = 0, dtype: str | torch.dtype | None = None, memory_budget_mb: float = 256.0,
                    test_chunk_size: int | None = None, progress: bool = False,
-                   model_mode: str = "eval") -> ScoreComputation:
+                   model_mode: str = "eval", approximator_state: bytes | None = None) -> ScoreComputation:
     """Prepare an influence computation: choose parameters, check losses, set up the approximator.
 
     Returns a ``ScoreComputation``: iterate ``.chunks()`` to stream scores, or call ``.matrix()`` and
@@ -144,6 +144,8 @@ def compute_scores(task: Task, approximator: str = "lissa", options: dict | None
     train_losses = model.losses("train")
     test_losses = model.losses("test")
     instance = entry.cls(parsed, model, seed=seed)
+    if approximator_state is not None:  # what an earlier prepare() fitted for this run
+        instance.load_state(approximator_state)
     instance.prepare()
     # Per test example: a few p-vectors (gradient, inverse-HVP, recursion state) and its float64 score
     # row over the training set (counted twice: the per-train-chunk pieces and their concatenation).

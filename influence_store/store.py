@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session
 
 from .errors import InfluenceStoreError
 from .store_file import DB_ENV, DEFAULT_DB, default_location, sqlite_path  # noqa: F401  (re-exported)
-from .schema import (Dataset, Example, ModelVersion, Proposal, ProposalEvent, Run, RunChunk, RunExample, ScoreBlock,
-                     Verification, utcnow)
+from .schema import (Dataset, Example, ModelVersion, Proposal, ProposalEvent, Run, RunArtifact, RunChunk, RunExample,
+                     ScoreBlock, Verification, utcnow)
 from .score_store import ScoreStore
 
 def database_url(location: str | None = None) -> str:
@@ -448,6 +448,16 @@ class Store(ScoreStore):
             run = self._get_run(s, run_id)
             run.status, run.error = "running", None
             run.started_utc = run.started_utc or utcnow()
+
+    def save_artifact(self, run_id: int, name: str, data: bytes) -> None:
+        """Keep a blob the run's approximator fitted (replacing one of the same name)."""
+        with self.session() as s:
+            s.merge(RunArtifact(run_id=run_id, name=name, data=data, created_utc=utcnow()))
+
+    def artifact(self, run_id: int, name: str) -> bytes | None:
+        with self.session(read=True) as s:
+            found = s.get(RunArtifact, (run_id, name))
+            return None if found is None else found.data
 
     def done_chunks(self, run_id: int) -> list[int]:
         with self.session(read=True) as s:

@@ -1,0 +1,238 @@
+"""EK-FAC on a ~1M-parameter CNN (synthetic 28x28 images), side by side with kronfluence 1.0.1.
+
+Each side runs in its own subprocess (so each has its own peak RSS), in interleaved rounds:
+  ours:        influence-store's ``execute_run`` with ``-a ekfac``: factors, every score stored in a
+               SQLite store, self-influence on;
+  kronfluence: ``fit_all_factors`` (EK-FAC), ``compute_pairwise_scores`` and ``compute_self_scores``
+               (scores saved in its output folder).
+Both use the true Fisher (sampled labels) and the same ridge. Reported: wall time (minimum over rounds),
+peak RSS, the time ratio ours / kronfluence, and the Pearson correlation of the two score matrices per
+test column (they differ by the Fisher's sampling noise only).
+
+  .venv/bin/python benchmarks/bench_ekfac.py                       # the full size: 50,000 x 1,000
+  .venv/bin/python benchmarks/bench_ekfac.py --train 2000 --test 100 --rounds 2   # a reduced size
+
+``--refine`` instead measures CG refinement on a digits tanh MLP: Pearson against the exact solve and
+curvature products against unpreconditioned CG to the same residual (``--hidden 64`` is the 4,810-parameter
+model; smaller is quicker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+
+class CNN(torch.nn.Module):
+    """Two conv + pool stages and two Linear layers: 962,926 parameters at width 1."""
+
+    def __init__(self, width: float = 1.0) -> None:
+        super().__init__()
+        c1, c2, hidden = int(32 * width), int(64 * width), int(300 * width)
+        self.conv1 = torch.nn.Conv2d(1, c1, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(c1, c2, 3, padding=1)
+        self.fc1 = torch.nn.Linear(c2 * 7 * 7, hidden)
+        self.fc2 = torch.nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        pool = torch.nn.functional.max_pool2d
+        h = pool(torch.relu(self.conv1(x)), 2)
+        h = pool(torch.relu(self.conv2(h)), 2)
+        return self.fc2(torch.relu(self.fc1(h.flatten(1))))
+
+
+def ce_loss(model, batch):
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+
+
+def make_problem(n_train: int, n_test: int, width: float, seed: int = 0):
+    """Synthetic images whose labels a random linear teacher gives; the CNN trained one epoch on them."""
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_test, 1, 28, 28, generator=g)
+    teacher = torch.randn(28 * 28, 10, generator=g)
+    y = (x.flatten(1) @ teacher + 3 * torch.randn(len(x), 10, generator=g)).argmax(1)
+    torch.manual_seed(seed)
+    model = CNN(width)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for start in range(0, n_train, 128):
+        optimizer.zero_grad()
+        ce_loss(model, (x[start:start + 128], y[start:start + 128])).mean().backward()
+        optimizer.step()
+    model.eval()
+    return model, TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
+
+
+def run_side(args) -> dict:
+    torch.set_num_threads(args.threads)
+    model, train, test = make_problem(args.train, args.test, args.width)
+    started = time.perf_counter()
+    if args.side == "ours":
+        import influence_store as ist
+        from influence_store.runs import execute_run
+        from influence_store.store import Store
+
+        task = ist.Task(model, ce_loss, train, test)
+        store = Store(str(Path(args.workdir) / "store.db"))
+        result = execute_run(store, task, approximator="ekfac", options={"damping": args.ridge, "batch_size": 128},
+                             memory_budget_mb=args.budget_mb, self_influence=True)
+        run_id = result.run_id
+        extra = {"run_id": run_id, "diagnostics_seconds_factors":
+                 store.run(run_id)["diagnostics"]["approximator"].get("seconds_factors")}
+    else:
+        from kronfluence_peer import kronfluence_scores
+
+        kronfluence_scores(model, train, test, ridge=args.ridge, fisher="true", batch_size=128,
+                           self_influence=True, output_dir=args.workdir)
+        extra = {}
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "params": sum(p.numel() for p in model.parameters()), **extra}
+
+
+def compare(args) -> None:
+    results: dict[str, list[dict]] = {"ours": [], "kronfluence": []}
+    sides = ["ours"] if args.skip_kronfluence else ["ours", "kronfluence"]
+    workdirs = {side: tempfile.mkdtemp(prefix=f"bench-ekfac-{side}-") for side in sides}
+    for round_ in range(args.rounds):
+        for side in (sides if round_ % 2 == 0 else sides[::-1]):  # interleaved
+            cmd = [sys.executable, __file__, "--side", side, "--workdir", workdirs[side] + f"/r{round_}",
+                   "--train", str(args.train), "--test", str(args.test), "--width", str(args.width),
+                   "--ridge", str(args.ridge), "--threads", str(args.threads), "--budget-mb", str(args.budget_mb)]
+            Path(workdirs[side], f"r{round_}").mkdir()
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results[side].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"round {round_} {side}: {results[side][-1]}", flush=True)
+    ours = min(r["seconds"] for r in results["ours"])
+    print(f"\n{results['ours'][0]['params']:,} parameters, {args.train:,} train x {args.test:,} test, "
+          f"{args.threads} thread(s), budget {args.budget_mb} MB, ridge {args.ridge}")
+    print(f"ours (ekfac, every score stored, self-influence): {ours:.1f} s, "
+          f"peak RSS {max(r['peak_rss_mb'] for r in results['ours']):.0f} MB")
+    if "kronfluence" in sides:
+        theirs = min(r["seconds"] for r in results["kronfluence"])
+        print(f"kronfluence 1.0.1 (ekfac, pairwise + self scores): {theirs:.1f} s, "
+              f"peak RSS {max(r['peak_rss_mb'] for r in results['kronfluence']):.0f} MB")
+        print(f"time ratio ours / kronfluence: {ours / theirs:.2f} (goal <= 1)")
+        agreement(workdirs, results)
+
+
+def agreement(workdirs, results) -> None:
+    """Pearson per test column between the stored scores and kronfluence's (sampling noise apart)."""
+    from influence_store.store import Store
+
+    from kronfluence.analyzer import Analyzer  # noqa: F401 - only to fail early if it is missing
+    from safetensors.torch import load_file
+
+    store = Store(str(Path(workdirs["ours"]) / "r0" / "store.db"))
+    run_id = results["ours"][0]["run_id"]
+    peer_file = next(Path(workdirs["kronfluence"], "r0").rglob("scores_pairwise/pairwise_scores.safetensors"))
+    peer = load_file(str(peer_file))["all_modules"].double()
+    train_ids = store.example_ids(run_id, "train")
+    columns = []
+    for t in range(min(20, peer.shape[0])):
+        rows = dict(store.score_rows(run_id, store.test_example_id(run_id, str(t))))
+        ours = torch.tensor([rows[i] for i in train_ids], dtype=torch.float64)
+        columns.append(float(torch.corrcoef(torch.stack([ours, peer[t]]))[0, 1]))
+    print(f"Pearson per test column (first {len(columns)}): min {min(columns):.3f}, "
+          f"median {sorted(columns)[len(columns) // 2]:.3f}")
+
+
+def refine(args) -> None:
+    """CG refinement on the digits tanh MLP: quality against exact, products against plain CG."""
+    import influence_store as ist
+    from influence_store.freezing import tracked_parameters
+    from influence_store.gradients import TrackedModel
+    from influence_store.plugins.ekfac import EKFAC, pcg
+    from influence_store.plugins.exact import Exact
+    from sklearn.datasets import load_digits
+    from tasks import DigitsMLP
+    from torch.utils.data import TensorDataset
+
+    torch.set_num_threads(args.threads)
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16.0), torch.tensor(y)
+    n = len(x) - 360 if args.train is None else args.train
+    torch.manual_seed(0)
+    model = DigitsMLP(args.hidden).double()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        optimizer.zero_grad()
+        ce_loss(model, (x[:n], y[:n])).mean().backward()
+        optimizer.step()
+    task = ist.Task(model, ce_loss, TensorDataset(x[:n], y[:n]), TensorDataset(x[n:n + 50], y[n:n + 50]))
+    tm = TrackedModel(task, tracked_parameters(model, "all"), memory_budget_mb=args.budget_mb)
+    g = tm.per_example_grads("test", list(range(len(task.test))))
+    grads = torch.cat([c for _, c in tm.grad_chunks("train")]).double()
+    started = time.perf_counter()
+    exact = Exact(Exact.Options(damping=args.ridge, max_params=10**6), tm)
+    exact.prepare()
+    truth = exact.inverse_hvp(g) @ grads.T
+    t_exact = time.perf_counter() - started
+    print(f"digits MLP: {tm.num_params:,} parameters, {n} train x {len(task.test)} test, ridge {args.ridge}; "
+          f"exact {t_exact:.1f} s ({exact.diagnostics})")
+    for fisher in ("true", "gauss-newton"):
+        started = time.perf_counter()
+        ekfac = EKFAC(EKFAC.Options(damping=args.ridge, fisher=fisher, refine_iters=args.refine_iters,
+                                    refine_tol=args.refine_tol), tm)
+        ekfac.prepare()
+        plain = ekfac.precondition(g) @ grads.T
+        refined = ekfac.inverse_hvp(g) @ grads.T
+        seconds = time.perf_counter() - started
+        trace = ekfac.diagnostics["refine_residual_traces"][0]
+        used = ekfac.diagnostics["refine_curvature_products"]
+        target = trace[-1]
+        _, plain_trace, plain_used, _ = pcg(lambda v: tm.hvp(v).double() + args.ridge * v, lambda r: r, g.double(),
+                                            torch.zeros_like(g, dtype=torch.float64), 20 * used, target)
+        print(f"fisher={fisher}: EK-FAC alone Pearson {pearson_columns(plain, truth)}, refined "
+              f"{pearson_columns(refined, truth)} after {used} batched Hessian products (residual {target:.1e}, "
+              f"{ekfac.diagnostics['refine_stalled_vectors']} stalled), {seconds:.1f} s; plain CG reached "
+              f"{plain_trace[-1]:.1e} after {plain_used} products: ratio {plain_used / used:.1f}x")
+
+
+def pearson_columns(a, b) -> str:
+    values = [float(torch.corrcoef(torch.stack([a[t], b[t]]))[0, 1]) for t in range(len(a))]
+    return f"min {min(values):.4f} / mean {sum(values) / len(values):.4f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", type=int, default=None, help="training examples (50,000; --refine: 1,437)")
+    parser.add_argument("--test", type=int, default=1000)
+    parser.add_argument("--width", type=float, default=1.0, help="CNN width multiplier (1.0: 962,926 parameters)")
+    parser.add_argument("--ridge", type=float, default=1e-3)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget-mb", type=float, default=1024.0, help="influence-store's memory budget")
+    parser.add_argument("--skip-kronfluence", action="store_true")
+    parser.add_argument("--refine", action="store_true", help="measure CG refinement on the digits MLP instead")
+    parser.add_argument("--hidden", type=int, default=64, help="--refine: hidden units (64: 4,810 parameters)")
+    parser.add_argument("--refine-iters", type=int, default=100)
+    parser.add_argument("--refine-tol", type=float, default=1e-4)
+    parser.add_argument("--side", choices=["ours", "kronfluence"], help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.refine:
+        refine(args)
+        return
+    args.train = 50_000 if args.train is None else args.train
+    if args.side:
+        print(json.dumps(run_side(args)))
+    else:
+        compare(args)
+
+
+if __name__ == "__main__":
+    main()

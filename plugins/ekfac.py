@@ -1,0 +1,331 @@
+"""``ekfac``: eigenvalue-corrected Kronecker-factored curvature, for models far past ``exact``'s limit.
+
+For a tracked layer with input rows ``a`` and output-gradient rows ``ds`` (see ``influence_store.layers``),
+K-FAC approximates the layer's block of the Fisher / Gauss-Newton matrix ``F`` by ``A (x) S`` with
+
+    A = mean over rows of a a^T,    S = mean over rows of ds ds^T      (float64)
+
+(a row is an example for a plain Linear layer, an example x position for a convolution). With the
+eigendecompositions ``A = Q_A diag(l_A) Q_A^T`` and ``S = Q_S diag(l_S) Q_S^T``, K-FAC's eigenvalues in the
+basis ``Q_S (x) Q_A`` are ``l_S l_A^T``; EK-FAC (George et al. 2018; Grosse et al. 2023) replaces them by
+the true second moments of the per-example gradients ``G_i = sum_t ds_it a_it^T`` in that basis,
+
+    Lambda = mean_i (Q_S^T G_i Q_A)^2      (elementwise),
+
+and the inverse-HVP of a layer block ``V`` [out, in] is
+
+    Q_S [(Q_S^T V Q_A) / (Lambda + l2 + damping)] Q_A^T.
+
+Every other tracked parameter gets a diagonal block: the mean squared per-example gradient (the empirical
+Fisher's diagonal), recorded in the diagnostics. ``damping`` is a true ridge on the mean-loss curvature (as
+in ``exact``), and the task's ``l2`` is added to it, so the solve approximates ``(H + l2 + damping)^-1 v``.
+
+``refine_iters > 0`` then runs preconditioned conjugate gradient on the model's true Hessian (or its
+Gauss-Newton matrix) with the EK-FAC inverse as preconditioner, for all test vectors at once, starting from
+the EK-FAC answer; the relative residual trace goes to the diagnostics.
+
+The fitted factors are the approximator's ``state()``, stored with the run so a resumed run reuses them.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from influence_store.approximators import Approximator
+from influence_store.errors import InfluenceStoreError
+from influence_store.hookspecs import hookimpl
+from influence_store.options import option
+
+STATE_VERSION = 1
+MAX_TRACED_CALLS = 20  # refinement calls whose residual traces are kept in the diagnostics
+
+
+class EKFAC(Approximator):
+    """EK-FAC (or K-FAC): Kronecker-factored curvature per layer; optional CG refinement on the true Hessian."""
+
+    name = "ekfac"
+
+    @dataclass
+    class Options:
+        damping: float = option(0.0, "ridge added to the curvature (a true ridge, not scaled), plus the task's l2")
+        strategy: str = option("ekfac", "ekfac (eigenvalue-corrected) or kfac (Kronecker eigenvalues)")
+        fisher: str = option("true", "true (the model's own predictive distribution, sampled, seeded), "
+                                     "empirical (the examples' own labels) or gauss-newton (exact, one pass "
+                                     "per model output)")
+        samples: int = option(1, "draws per example for the true Fisher")
+        batch_size: int = option(64, "training examples per forward pass while fitting the factors")
+        refine_iters: int = option(0, "preconditioned CG iterations on the true curvature (0: plain EK-FAC)")
+        refine_tol: float = option(1e-6, "stop refining when every relative residual is below this")
+        refine_curvature: str = option("hessian", "hessian or gauss-newton: the curvature refinement solves with")
+
+        def __post_init__(self) -> None:
+            from influence_store.layers import FISHER_TYPES
+
+            if self.damping < 0:
+                raise ValueError("damping must be >= 0")
+            if self.strategy not in ("ekfac", "kfac"):
+                raise ValueError("strategy must be ekfac or kfac")
+            if self.fisher not in FISHER_TYPES:
+                raise ValueError(f"fisher must be one of {', '.join(FISHER_TYPES)}")
+            if self.samples < 1 or self.batch_size < 1:
+                raise ValueError("samples and batch_size must be >= 1")
+            if self.refine_iters < 0 or self.refine_tol < 0:
+                raise ValueError("refine_iters and refine_tol must be >= 0")
+            if self.refine_curvature not in ("hessian", "gauss-newton"):
+                raise ValueError("refine_curvature must be hessian or gauss-newton")
+
+    _factors: dict | None = None
+
+    @property
+    def effective_damping(self) -> float:
+        return self.options.damping
+
+    @property
+    def ridge(self) -> float:
+        return self.options.damping + self.model.l2
+
+    # ---------- fitting ----------
+    def prepare(self) -> None:
+        import time
+
+        from influence_store.layers import LayerView, describe
+
+        self.view = LayerView(self.model)
+        self.diagnostics.update(describe(self.view), strategy=self.options.strategy, fisher=self.options.fisher)
+        if self.view.diagonal_names:
+            self.diagnostics["diagonal_fisher"] = "empirical (mean squared per-example gradient)"
+        started = time.perf_counter()
+        if self._factors is None:
+            self._factors = fit_factors(self.view, self.options, self.seed)
+            self.diagnostics["factors"] = "fitted"
+        else:
+            self._check_state()
+            self.diagnostics["factors"] = "reused"
+        self.diagnostics["seconds_factors"] = time.perf_counter() - started
+        self._invert()
+
+    def _invert(self) -> None:
+        import torch
+
+        ridge = self.ridge
+        eigs = [layer["eigenvalues"] for layer in self._factors["layers"]] + [self._factors["diagonal"]]
+        largest = max([float(e.max()) for e in eigs if e.numel()] + [0.0]) + ridge
+        self._inverse_eigenvalues, dropped = [], 0
+        for e in eigs:
+            den = e + ridge
+            keep = den > 1e-12 * largest
+            dropped += int((~keep).sum())
+            self._inverse_eigenvalues.append(torch.where(keep, 1.0 / den.clamp_min(1e-300), torch.zeros_like(den)))
+        self.diagnostics["dropped_eigenvalues"] = dropped
+
+    # ---------- state stored with the run ----------
+    def state(self) -> bytes:
+        """The fitted factors (the costly part), for the store."""
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save({"version": STATE_VERSION, "key": self._state_key(), **self._factors}, buffer)
+        return buffer.getvalue()
+
+    def load_state(self, data: bytes) -> None:
+        """Reuse factors fitted earlier for the same model, tracked parameters and options."""
+        import torch
+
+        state = torch.load(io.BytesIO(data), map_location=self.model.device, weights_only=True)
+        if state.get("version") != STATE_VERSION or state.get("key") != self._state_key():
+            return  # fitted for something else: fit again
+        self._factors = {"layers": state["layers"], "diagonal": state["diagonal"]}
+
+    def _state_key(self) -> list:
+        o = self.options
+        return [list(self.model.names), o.strategy, o.fisher, o.samples, o.batch_size, self.seed]
+
+    def _check_state(self) -> None:
+        shapes = [(layer.out_dim, layer.in_dim) for layer in self.view.layers]
+        stored = [tuple(layer["eigenvalues"].shape) for layer in self._factors["layers"]]
+        if shapes != stored:
+            raise InfluenceStoreError("stored EK-FAC factors do not match the model's layers; start a new run")
+
+    # ---------- solving ----------
+    def precondition(self, vectors):
+        """The EK-FAC inverse applied to every row of ``vectors`` [k, p], float64."""
+        import torch
+
+        v = vectors.to(self.model.device, torch.float64)
+        result = torch.zeros_like(v)
+        outs = []
+        for m, layer, inv in zip(self.view.to_matrices(v), self._factors["layers"], self._inverse_eigenvalues):
+            qa, qs = layer["qa"], layer["qs"]
+            r = qs.T @ m
+            r = r @ qa if qa is not None else r
+            r = r * inv
+            r = qs @ r
+            outs.append(r @ qa.T if qa is not None else r)
+        self.view.from_matrices(outs, result)
+        if self.view.diagonal_names:
+            self.view.set_diagonal(self.view.diagonal(v) * self._inverse_eigenvalues[-1], result)
+        return result
+
+    def inverse_hvp(self, vectors):
+        x = self.precondition(vectors)
+        if self.options.refine_iters:
+            x = self._refine(vectors, x)
+        return x
+
+    def _refine(self, b, x0):
+        import torch
+
+        from influence_store.layers import gauss_newton_product
+
+        damping = self.options.damping
+        if self.options.refine_curvature == "hessian":
+            def curvature(v):
+                return self.model.hvp(v).to(torch.float64) + damping * v
+        else:
+            def curvature(v):
+                return gauss_newton_product(self.view, v, self.options.batch_size).to(torch.float64) + damping * v
+
+        x, trace, products, stalled = pcg(curvature, self.precondition, b.to(x0), x0,
+                                          self.options.refine_iters, self.options.refine_tol)
+        d = self.diagnostics
+        d["refine_calls"] = d.get("refine_calls", 0) + 1
+        d["refine_curvature_products"] = d.get("refine_curvature_products", 0) + products
+        d["refine_final_residual_max"] = max(d.get("refine_final_residual_max", 0.0), trace[-1])
+        d["refine_stalled_vectors"] = d.get("refine_stalled_vectors", 0) + stalled
+        if d["refine_calls"] <= MAX_TRACED_CALLS:
+            d.setdefault("refine_residual_traces", []).append(trace)
+        return x
+
+
+def pcg(curvature, precondition, b, x, iters: int, tol: float):
+    """Preconditioned CG on every row of ``b`` at once, from ``x``. Returns (x, trace of the largest
+    relative residual, curvature products used (batched over rows), rows stopped by non-positive curvature).
+
+    A row stops when its residual is below ``tol`` or its direction meets curvature <= 0 (an indefinite
+    Hessian): its last iterate is kept, and the count is reported.
+    """
+    import torch
+
+    norms = b.norm(dim=1).clamp_min(1e-300)
+    r = b - curvature(x)
+    products = 1
+    residual = r.norm(dim=1) / norms
+    trace = [float(residual.max())]
+    active = residual > tol
+    z = precondition(r)
+    p = z.clone()
+    rz = (r * z).sum(1)
+    stalled = torch.zeros_like(active)
+    for _ in range(iters):
+        if not active.any():
+            break
+        ap = curvature(p)
+        products += 1
+        pap = (p * ap).sum(1)
+        bad = active & (pap <= 0)
+        stalled |= bad
+        active &= ~bad
+        alpha = torch.where(active, rz / torch.where(active, pap, torch.ones_like(pap)), torch.zeros_like(rz))
+        x = x + alpha[:, None] * p
+        r = r - alpha[:, None] * ap
+        residual = torch.where(active, r.norm(dim=1) / norms, residual)
+        trace.append(float(residual.max()))
+        active &= residual > tol
+        z = precondition(r)
+        rz_new = (r * z).sum(1)
+        beta = torch.where(active, rz_new / torch.where(rz == 0, torch.ones_like(rz), rz), torch.zeros_like(rz))
+        p = z + beta[:, None] * p
+        rz = rz_new
+    return x, trace, products, int(stalled.sum())
+
+
+def fit_factors(view, options, seed: int) -> dict:
+    """Covariances, their eigendecompositions, then (for ekfac) the eigenvalue-correction pass."""
+    import torch
+
+    from influence_store.layers import batches
+
+    tm = view.model
+    n = len(tm.task.train)
+    f64 = torch.float64
+    dev = tm.device
+    generator = torch.Generator().manual_seed(seed)
+    cov_a = [torch.zeros(layer.in_dim, dtype=f64, device=dev) if layer.kind == "embedding"
+             else torch.zeros(layer.in_dim, layer.in_dim, dtype=f64, device=dev) for layer in view.layers]
+    cov_s = [torch.zeros(layer.out_dim, layer.out_dim, dtype=f64, device=dev) for layer in view.layers]
+    rows = [0] * len(view.layers)
+    for idx in batches(n, options.batch_size):
+        for column, captured in enumerate(view.captures(idx, options.fisher, generator, options.samples)):
+            for i, (layer, (a, ds)) in enumerate(zip(view.layers, captured)):
+                ds = ds.reshape(-1, ds.shape[-1]).to(f64)
+                cov_s[i] += ds.T @ ds
+                if column:
+                    continue  # the inputs are the same for every backward pass of a batch
+                if layer.kind == "embedding":
+                    ids = a.reshape(-1)
+                    if layer.module.padding_idx is not None:
+                        ids = ids[ids != layer.module.padding_idx]
+                    cov_a[i] += torch.bincount(ids, minlength=layer.in_dim).to(f64)
+                else:
+                    a = a.reshape(-1, a.shape[-1]).to(f64)
+                    cov_a[i] += a.T @ a
+                rows[i] += ds.shape[0]
+    layers = []
+    for layer, a, s, count in zip(view.layers, cov_a, cov_s, rows):
+        a, s = a / max(count, 1), s / max(count, 1)
+        ls, qs = torch.linalg.eigh((s + s.T) / 2)
+        if layer.kind == "embedding":  # one-hot inputs: A is diagonal, its eigenbasis the identity
+            la, qa = a, None
+        else:
+            la, qa = torch.linalg.eigh((a + a.T) / 2)
+        layers.append({"qa": qa, "qs": qs, "eigenvalues": torch.outer(ls.clamp_min(0), la.clamp_min(0))})
+    if options.strategy == "ekfac":
+        _correct_eigenvalues(view, options, layers, generator)
+    return {"layers": layers, "diagonal": _diagonal_fisher(view, options)}
+
+
+def _correct_eigenvalues(view, options, layers, generator) -> None:
+    """``Lambda = mean_i (Q_S^T G_i Q_A)^2`` from a second pass (fresh draws for the true Fisher)."""
+    import torch
+
+    from influence_store.layers import batches
+
+    tm = view.model
+    n = len(tm.task.train)
+    sums = [torch.zeros_like(layer["eigenvalues"]) for layer in layers]
+    for idx in batches(n, options.batch_size):
+        for captured in view.captures(idx, options.fisher, generator, options.samples):
+            for i, (layer, factors, (a, ds)) in enumerate(zip(view.layers, layers, captured)):
+                step = max(1, tm.memory_budget // (3 * 8 * layer.out_dim * layer.in_dim))
+                for start in range(0, a.shape[0], step):
+                    g = layer.per_example_grads(a[start:start + step], ds[start:start + step]).to(torch.float64)
+                    g = factors["qs"].T @ g
+                    g = g @ factors["qa"] if factors["qa"] is not None else g
+                    sums[i] += (g * g).sum(0)
+    for factors, total in zip(layers, sums):
+        factors["eigenvalues"] = total / n
+
+
+def _diagonal_fisher(view, options):
+    """Mean squared per-example gradient of the parameters outside the tracked layers."""
+    import torch
+
+    from influence_store.gradients import TrackedModel
+
+    tm = view.model
+    if not view.diagonal_names:
+        return torch.zeros(0, dtype=torch.float64, device=tm.device)
+    sub = TrackedModel(tm.task, view.diagonal_names, device=tm.device, dtype=tm.dtype,
+                       memory_budget_mb=tm.memory_budget / 2**20, model_mode=getattr(tm, "mode", "eval"))
+    total = torch.zeros(sub.num_params, dtype=torch.float64, device=tm.device)
+    with torch.no_grad():
+        for _, g in sub.grad_chunks("train"):
+            total += (g.to(torch.float64) ** 2).sum(0)
+    tm.notes.extend(sub.notes)
+    return total / len(tm.task.train)
+
+
+@hookimpl
+def register_approximators(register):
+    register(EKFAC)

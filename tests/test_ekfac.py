@@ -1,0 +1,313 @@
+"""EK-FAC and the layer view, checked against autograd, the exact solve and kronfluence."""
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import influence_store as ist
+from influence_store.errors import InfluenceStoreError
+from influence_store.freezing import tracked_parameters
+from influence_store.gradients import TrackedModel
+from influence_store.layers import LayerView
+from tasks import ce_loss
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny problems: one thread is faster, and far faster on a machine busy with other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def relative_error(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def squared_error(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).sum(-1)
+
+
+def linear_regression_task(n=200, d=6, outputs=3, l2=0.01):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n + 20, d, generator=g, dtype=torch.float64) * torch.linspace(0.3, 2, d, dtype=torch.float64)
+    y = torch.randn(n + 20, outputs, generator=g, dtype=torch.float64)
+    model = torch.nn.Linear(d, outputs).double()
+    return ist.Task(model, squared_error, TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:]), l2=l2)
+
+
+def approximator(task, name, freeze="all", **options):
+    from influence_store.options import parse_options
+    from influence_store.plugin_manager import lookup
+
+    entry = lookup("register_approximators", name)
+    model = TrackedModel(task, tracked_parameters(task.model, freeze))
+    instance = entry.cls(parse_options(entry.options_cls, options, name), model, seed=0)
+    instance.prepare()
+    return instance, model
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
+def test_equals_the_exact_inverse_where_the_gauss_newton_is_kronecker(strategy):
+    """One Linear layer with squared error: the Hessian is E[a a^T] (x) 2I, exactly Kronecker."""
+    task = linear_regression_task()
+    ekfac, model = approximator(task, "ekfac", strategy=strategy, fisher="gauss-newton", damping=1e-3)
+    exact, _ = approximator(task, "exact", damping=1e-3)
+    v = torch.randn(5, model.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert relative_error(ekfac.inverse_hvp(v), exact.inverse_hvp(v)) < 1e-9
+    assert ekfac.diagnostics["diagonal_parameters"] == []
+
+
+def test_the_empirical_fisher_is_not_the_hessian():
+    """The same model with the empirical Fisher differs (the check above can fail)."""
+    task = linear_regression_task()
+    ekfac, model = approximator(task, "ekfac", fisher="empirical", damping=1e-3)
+    exact, _ = approximator(task, "exact", damping=1e-3)
+    v = torch.randn(5, model.num_params, dtype=torch.float64)
+    assert relative_error(ekfac.inverse_hvp(v), exact.inverse_hvp(v)) > 0.05
+
+
+class Mixed(torch.nn.Module):
+    """Every layer kind the view knows, plus a LayerNorm (a diagonal block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(7, 4, padding_idx=0)
+        self.conv1 = torch.nn.Conv1d(4, 3, 3, padding=1, stride=2)
+        self.conv2 = torch.nn.Conv2d(1, 2, 3, padding=1, dilation=1, stride=2)
+        self.norm = torch.nn.LayerNorm(3)
+        self.head = torch.nn.Linear(3 + 8, 2)
+
+    def forward(self, batch):
+        tokens, image = batch
+        h = self.conv1(self.embed(tokens).transpose(1, 2)).mean(-1)
+        i = torch.tanh(self.conv2(image)).flatten(1)
+        return self.head(torch.cat([self.norm(h), i], dim=1))
+
+
+def mixed_task(n=24):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 7, (n, 6), generator=g)
+    images = torch.randn(n, 1, 4, 4, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    torch.manual_seed(0)
+    model = Mixed().double()
+
+    def loss(model, batch):
+        tokens, images, labels = batch
+        return torch.nn.functional.cross_entropy(model((tokens, images)), labels, reduction="none")
+
+    data = TensorDataset(tokens, images, labels)
+    return ist.Task(model, loss, data, data)
+
+
+def test_layer_view_rebuilds_autograd_per_example_gradients():
+    """sum_t ds a^T from the hooks equals vmap per-example gradients, for every layer kind."""
+    task = mixed_task()
+    model = TrackedModel(task, tracked_parameters(task.model, "all"))
+    view = LayerView(model)
+    assert [layer.kind for layer in view.layers] == ["embedding", "conv", "conv", "linear"]
+    assert view.diagonal_names == ["norm.weight", "norm.bias"]
+    indices = list(range(len(task.train)))
+    (captured,) = list(view.captures(indices, "empirical"))
+    expected = model.per_example_grads("train", indices)
+    for layer, block, (a, ds) in zip(view.layers, view.to_matrices(expected), captured):
+        assert relative_error(layer.per_example_grads(a, ds), block) < 1e-10, layer.name
+    # to_matrices / from_matrices / diagonal round-trip the flat vector
+    back = view.from_matrices(view.to_matrices(expected), torch.zeros_like(expected))
+    back = view.set_diagonal(view.diagonal(expected), back)
+    assert torch.equal(back, expected)
+
+
+def test_gauss_newton_fisher_sums_to_the_gauss_newton_matrix():
+    """The per-output passes' gradient outer products sum to J^T H_out J (checked with jacobians)."""
+    task = mixed_task(n=6)
+    model = TrackedModel(task, tracked_parameters(task.model, "all"))
+    view = LayerView(model)
+    head = view.layers[-1]
+    indices = list(range(6))
+    total = sum(torch.einsum("boi,bpj->oipj", *(2 * [head.per_example_grads(*c[-1])]))
+                for c in view.captures(indices, "gauss-newton"))
+    x = task.batch("train", indices)
+    features = {}
+    task.model.head.register_forward_hook(lambda m, i, o: features.update(a=i[0]))
+    logits = task.model((x[0], x[1]))
+    p = logits.softmax(-1).detach()
+    a = torch.cat([features["a"].detach(), torch.ones(6, 1, dtype=torch.float64)], 1)
+    h_out = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # softmax cross-entropy curvature
+    expected = torch.einsum("bop,bi,bj->oipj", h_out, a, a)  # J = I (x) a for the head's [out, in] block
+    assert relative_error(total, expected) < 1e-10
+
+
+def test_diagonal_block_for_other_parameters_is_recorded():
+    task = mixed_task()
+    ekfac, model = approximator(task, "ekfac", fisher="empirical", damping=0.1)
+    assert ekfac.diagnostics["diagonal_parameters"] == ["norm.weight", "norm.bias"]
+    grads = model.per_example_grads("train", list(range(len(task.train))))
+    v = torch.randn(2, model.num_params, dtype=torch.float64)
+    view = LayerView(model)
+    expected = view.diagonal(v) / (view.diagonal(grads).pow(2).mean(0) + 0.1)
+    assert relative_error(view.diagonal(ekfac.inverse_hvp(v)), expected) < 1e-10
+
+
+def digits_small(n=100, hidden=4):
+    """A tanh MLP on digits (310 parameters), float64, trained briefly: a non-convex model whose
+    Hessian + 0.01 is positive definite, so CG on it converges."""
+    from sklearn.datasets import load_digits
+
+    from tasks import DigitsMLP
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16.0), torch.tensor(y)
+    torch.manual_seed(0)
+    model = DigitsMLP(hidden).double()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        optimizer.zero_grad()
+        ce_loss(model, (x[:n], y[:n])).mean().backward()
+        optimizer.step()
+    return ist.Task(model, ce_loss, TensorDataset(x[:n], y[:n]), TensorDataset(x[n:n + 8], y[n:n + 8]), l2=1e-3)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    task = digits_small()
+    exact, model = approximator(task, "exact", damping=0.01)
+    g = model.per_example_grads("test", list(range(8)))
+    return task, g, exact.inverse_hvp(g)
+
+
+def test_refinement_converges_to_exact(digits):
+    task, g, truth = digits
+    ekfac, model = approximator(task, "ekfac", damping=0.01, refine_iters=200, refine_tol=1e-9)
+    refined = ekfac.inverse_hvp(g)
+    assert relative_error(refined, truth) < 1e-6
+    assert relative_error(ekfac.precondition(g), truth) > 1e-2  # refinement did the work
+    trace = ekfac.diagnostics["refine_residual_traces"][0]
+    assert trace[-1] < 1e-9 < trace[0] and len(trace) == ekfac.diagnostics["refine_curvature_products"]
+    few, _ = approximator(task, "ekfac", damping=0.01, refine_iters=2)
+    assert relative_error(few.inverse_hvp(g), truth) > 1e-6  # the iteration count is honoured
+    assert len(few.diagnostics["refine_residual_traces"][0]) == 3
+
+
+def test_refinement_on_the_gauss_newton_matrix_reduces_its_residual(digits):
+    from influence_store.layers import gauss_newton_product
+
+    task, g, _ = digits
+    ekfac, model = approximator(task, "ekfac", fisher="gauss-newton", damping=0.01, refine_iters=5,
+                                refine_curvature="gauss-newton")
+    refined = ekfac.inverse_hvp(g[:2])
+    trace = ekfac.diagnostics["refine_residual_traces"][0]
+    assert trace[-1] < trace[0] / 3
+    residual = g[:2] - gauss_newton_product(LayerView(model), refined) - 0.01 * refined
+    assert float((residual.norm(dim=1) / g[:2].norm(dim=1)).max()) == pytest.approx(trace[-1], rel=1e-6)
+
+
+def test_bad_options_are_clear_errors():
+    task = linear_regression_task()
+    with pytest.raises(InfluenceStoreError, match="strategy must be ekfac or kfac"):
+        ist.compute_scores(task, approximator="ekfac", options={"strategy": "kfc"})
+    with pytest.raises(InfluenceStoreError, match="fisher must be one of"):
+        ist.compute_scores(task, approximator="ekfac", options={"fisher": "real"})
+
+
+class SmallCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, stride=2)
+        self.fc = torch.nn.Linear(4 * 3 * 3, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv2(torch.relu(self.conv(x))))
+        return self.fc(h.flatten(1))
+
+
+def trained_classifier(kind, n_train=256, n_test=12):
+    """The digits MLP or a small CNN on 8x8 digit images, float32, trained briefly with Adam."""
+    from sklearn.datasets import load_digits
+
+    from tasks import DigitsMLP
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+    if kind == "cnn":
+        x = x.reshape(-1, 1, 8, 8)
+    torch.manual_seed(0)
+    model = DigitsMLP(16) if kind == "mlp" else SmallCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
+    for _ in range(20):
+        optimizer.zero_grad()
+        ce_loss(model, (x[:n_train], y[:n_train])).mean().backward()
+        optimizer.step()
+    train = TensorDataset(x[:n_train], y[:n_train])
+    test = TensorDataset(x[n_train:n_train + n_test], y[n_train:n_train + n_test])
+    return ist.Task(model, ce_loss, train, test)
+
+
+@pytest.mark.parametrize("kind, strategy", [("mlp", "ekfac"), ("mlp", "kfac"), ("cnn", "ekfac")])
+def test_parity_with_kronfluence(kind, strategy):
+    """Pairwise scores against kronfluence's at the same Fisher (empirical: no sampling noise) and ridge."""
+    pytest.importorskip("kronfluence", reason="kronfluence 1.0.1 is a test extra (scripts/test.sh installs it)")
+    from kronfluence_peer import kronfluence_scores
+
+    task = trained_classifier(kind, n_train=128 if kind == "mlp" else 64, n_test=8)
+    ridge = 1e-3
+    ours = ist.compute_scores(task, approximator="ekfac",
+                              options={"damping": ridge, "fisher": "empirical", "strategy": strategy})
+    matrix = ours.matrix()
+    peer, peer_self = kronfluence_scores(task.model, task.train, task.test, ridge=ridge, strategy=strategy,
+                                         self_influence=kind == "mlp", release_memory=False)
+    columns = [float(torch.corrcoef(torch.stack([matrix[t], peer[t]]))[0, 1]) for t in range(len(task.test))]
+    assert min(columns) >= 0.99, columns
+    if peer_self is not None:
+        own = ours.self_influence()
+        assert float(torch.corrcoef(torch.stack([own, peer_self]))[0, 1]) >= 0.99
+    # the parity can fail: the Gauss-Newton factors give different scores
+    other = ist.compute_scores(task, approximator="ekfac", options={"damping": 1.0, "fisher": "empirical",
+                                                                    "strategy": strategy}).matrix()
+    assert relative_error(other, peer) > 0.05
+
+
+def test_resumed_run_reuses_the_stored_factors(monkeypatch):
+    from influence_store.runs import APPROXIMATOR_STATE, execute_run
+    from influence_store.store import Store
+
+    task = trained_classifier("mlp", n_train=32, n_test=2)
+    store = Store()
+    calls = []
+    original = Store.write_self_influence
+
+    def fail_once(self, run_id, values):
+        calls.append(run_id)
+        if len(calls) == 1:
+            raise InfluenceStoreError("disk full")
+        return original(self, run_id, values)
+
+    monkeypatch.setattr(Store, "write_self_influence", fail_once)
+    options = {"damping": 0.01}
+    with pytest.raises(InfluenceStoreError, match="disk full"):
+        execute_run(store, task, approximator="ekfac", options=options)
+    run_id = calls[0]
+    assert store.run(run_id)["status"] == "failed"
+    saved = store.artifact(run_id, APPROXIMATOR_STATE)
+    assert saved is not None
+    result = execute_run(store, task, approximator="ekfac", options=options, resume=run_id)
+    assert (result.run_id, result.outcome) == (run_id, "resumed")
+    assert store.run(run_id)["diagnostics"]["approximator"]["factors"] == "reused"
+    fresh = ist.compute_scores(task, approximator="ekfac", options=options)
+    stored = dict(store.score_rows(run_id, store.test_example_id(run_id, "0")))
+    assert len(stored) == 32
+    assert sorted(stored.values()) == pytest.approx(sorted(fresh.matrix()[0].tolist()), rel=1e-6)
+
+
+def test_gauss_newton_product_equals_the_hessian_of_a_linear_model():
+    """Squared error on a Linear model: the Gauss-Newton matrix is the Hessian (autograd HVPs)."""
+    from influence_store.layers import gauss_newton_product
+
+    task = linear_regression_task(n=50)
+    model = TrackedModel(task, tracked_parameters(task.model, "all"))
+    v = torch.randn(3, model.num_params, dtype=torch.float64)
+    assert relative_error(gauss_newton_product(LayerView(model), v, batch_size=16), model.hvp(v)) < 1e-10
