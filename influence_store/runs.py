@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InfluenceStoreError
+from .leases import DEFAULT_LEASE_SECONDS, BlockLeases
+from .schema import SELF_INFLUENCE_BLOCK
 from .store import Store
 from .task import Task, content_hash, load_task
 
@@ -66,8 +68,22 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
                 model_version: str | None = None, dataset: str | None = None, device: str = "cpu", seed: int = 0,
                 dtype: str | None = None, memory_budget_mb: float = 256.0, test_chunk_size: int | None = None,
                 self_influence: bool = True, progress: bool = False, resume: int | None = None,
-                allow_removed: bool = False) -> RunResult:
-    """Compute a task's scores into the store (or report/resume the run that already has them)."""
+                allow_removed: bool = False, lease_seconds: float = DEFAULT_LEASE_SECONDS, workers: int | None = None,
+                scheduler: str | None = None) -> RunResult:
+    """Compute a task's scores into the store (or report/resume the run that already has them).
+
+    Processes that compute the same run share it: each claims blocks from the store (see leases.py).
+    ``workers``/``scheduler`` run that loop on Dask workers instead of in this process (distributed.py).
+    """
+    if workers is not None or scheduler is not None:
+        from .distributed import execute_run_on_dask
+
+        return execute_run_on_dask(store, spec, workers=workers, scheduler=scheduler, task_options=task_options,
+                                   approximator=approximator, options=options, freeze=freeze,
+                                   freeze_options=freeze_options, model_version=model_version, dataset=dataset,
+                                   device=device, seed=seed, dtype=dtype, memory_budget_mb=memory_budget_mb,
+                                   test_chunk_size=test_chunk_size, self_influence=self_influence, resume=resume,
+                                   allow_removed=allow_removed, lease_seconds=lease_seconds)
     from .freezing import tracked_parameters
     from .options import options_to_dict, parse_options
     from .plugin_manager import lookup
@@ -143,27 +159,55 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
     else:
         run_id, outcome = existing["id"], "resumed"
     store.start_run(run_id)
+    store.add_blocks(run_id, list(range(computation.num_chunks)) + ([SELF_INFLUENCE_BLOCK] if self_influence else []))
     try:
-        train_ids, test_ids = store.example_ids(run_id, "train"), store.example_ids(run_id, "test")
-        # One writer thread stores chunk i while chunk i+1 is computed (torch releases the GIL), so
-        # persistence hides behind computation. At most one chunk is in flight; a failure in either
-        # thread stops the run, and a chunk already computed is still stored before it stops.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="influence-store-writer") as writer:
-            pending = None
-            for chunk in computation.chunks(skip=store.done_chunks(run_id)):
-                if pending is not None:
-                    pending.result()
-                pending = writer.submit(store.write_chunk, run_id, chunk.index,
-                                        [test_ids[i] for i in chunk.test_indices], train_ids, chunk.scores.numpy())
-            values = computation.self_influence().tolist() if self_influence else None
-            if pending is not None:
-                pending.result()
-        if values is not None:
-            store.write_self_influence(run_id, values)
+        with BlockLeases(store, run_id, lease_seconds) as leases:
+            _compute_claimed_blocks(store, run_id, computation, leases)
     except BaseException as exc:
-        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
-        store.fail_run(run_id, reason, time.perf_counter() - started)
+        # A process that joined a run and stops leaves it to the others still working on it (or done).
+        if not store.run_workers(run_id) and store.run(run_id)["status"] != "done":
+            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
+            store.fail_run(run_id, reason, time.perf_counter() - started)
         raise
     seconds = time.perf_counter() - started
-    store.finish_run(run_id, seconds, computation.diagnostics)
+    store.complete_run(run_id, seconds, computation.diagnostics, self_influence)
     return RunResult(run_id, "done", outcome, seconds)
+
+
+def _compute_claimed_blocks(store: Store, run_id: int, computation, leases: BlockLeases) -> None:
+    """Compute and store every block this process claims, until no block of the run is left.
+
+    One writer thread stores chunk i while chunk i+1 is computed (torch releases the GIL), so persistence
+    hides behind computation. At most one chunk is in flight; a failure in either thread stops the run,
+    and a chunk already computed is still stored before it stops.
+    """
+    from .scoring import _progress
+
+    train_ids, test_ids = store.example_ids(run_id, "train"), store.example_ids(run_id, "test")
+
+    def store_chunk(chunk) -> None:
+        try:
+            store.write_chunk(run_id, chunk.index, [test_ids[i] for i in chunk.test_indices], train_ids,
+                              chunk.scores.numpy())
+        except Exception:
+            if chunk.index not in store.done_chunks(run_id):
+                raise  # else another process, whose lease this one outlived, stored the same block first
+        store.finish_block(run_id, chunk.index)
+
+    todo = computation.num_chunks - len(store.done_chunks(run_id))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="influence-store-writer") as writer:
+        pending = None
+        for block in _progress(leases.blocks(), computation.progress, "blocks", total=todo):
+            if block == SELF_INFLUENCE_BLOCK:
+                values = computation.self_influence().tolist()
+                if pending is not None:
+                    pending.result()
+                store.write_self_influence(run_id, values)  # the same values from whoever computes them
+                store.finish_block(run_id, block)
+                continue
+            chunk = computation.chunk(block)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(store_chunk, chunk)
+        if pending is not None:
+            pending.result()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-from sqlalchemy import bindparam, case, create_engine, event, func, select, update
+from sqlalchemy import bindparam, case, create_engine, event, func, select, text, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import Session
@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from .errors import InfluenceStoreError
 from .schema import (Dataset, Example, ModelVersion, Proposal, ProposalEvent, Run, RunChunk, RunExample, Score,
                      Verification, utcnow)
+from .store_claims import BlockClaimVerbs, live_owners
 
 DEFAULT_DB = "influence-store.db"
 DB_ENV = "INFLUENCE_STORE_DB"
@@ -37,9 +38,12 @@ def default_location() -> str:
 
 
 def database_url(location: str | None = None) -> str:
-    """A SQLAlchemy URL for a path or URL."""
+    """A SQLAlchemy URL for a path or URL; a PostgreSQL URL without a driver means psycopg (version 3)."""
     location = location or default_location()
-    return location if "://" in location else f"sqlite:///{Path(location).expanduser()}"
+    if "://" not in location:
+        return f"sqlite:///{Path(location).expanduser()}"
+    scheme, rest = location.split("://", 1)
+    return f"postgresql+psycopg://{rest}" if scheme in ("postgresql", "postgres") else location
 
 
 def _alembic_config(connection=None):
@@ -58,13 +62,14 @@ def head_revision() -> str:
     return ScriptDirectory.from_config(_alembic_config()).get_current_head()
 
 
-class Store:
+class Store(BlockClaimVerbs):
     """One database. Verbs take and return plain values (ints, strings, dicts, lists)."""
 
     def __init__(self, location: str | None = None, *, upgrade: bool = True, create: bool = True) -> None:
         self.url = database_url(location)
         self.location = location or default_location()
         self.is_sqlite = make_url(self.url).get_backend_name() == "sqlite"
+        self.is_postgresql = make_url(self.url).get_backend_name() == "postgresql"
         if self.is_sqlite:
             self.path = Path(make_url(self.url).database or "")
             try:
@@ -103,7 +108,7 @@ class Store:
 
     def _engine(self) -> Engine:
         if not self.is_sqlite:
-            return create_engine(self.url)
+            return _server_engine(self.url)
         engine = create_engine(self.url, connect_args={"timeout": 60})
 
         @event.listens_for(engine, "connect")
@@ -162,6 +167,8 @@ class Store:
             raise InfluenceStoreError(f"store {self.location!r} needs a schema upgrade but is read-only")
         try:
             with self.engine.begin() as connection:
+                if self.is_postgresql:  # processes opening a new store at once: one migrates, the others wait
+                    connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
                 command.upgrade(_alembic_config(connection), "head")
         except OperationalError as exc:
             raise InfluenceStoreError(f"cannot upgrade store {self.location!r}: {_reason(exc)}") from None
@@ -334,6 +341,8 @@ class Store:
         When another process created the run with these settings meanwhile, returns that run's id instead,
         so both processes work on one run (each chunk is stored once)."""
         with self.session() as s:
+            if self.is_postgresql:  # what SQLite's BEGIN IMMEDIATE gives: one process registers at a time
+                s.execute(text(f"SELECT pg_advisory_xact_lock({CREATE_RUN_LOCK})"))
             raced = s.scalar(select(Run.id).where(Run.settings_fingerprint == settings_fingerprint)
                              .order_by(Run.id.desc()).limit(1))
             if raced is not None:
@@ -751,6 +760,19 @@ class Store:
                 for name, rows in groups.items()}
 
 
+MIGRATION_LOCK, CREATE_RUN_LOCK = 7_310_001, 7_310_002  # PostgreSQL advisory lock keys of influence-store
+
+
+def _server_engine(url: str) -> Engine:
+    """A database server's engine (PostgreSQL, ...): connections checked before use, a clear missing driver."""
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except ModuleNotFoundError as exc:
+        extra = " (pip install 'influence-store[postgres]')" if url.startswith("postgresql") else ""
+        raise InfluenceStoreError(f"the database driver for {make_url(url).drivername!r} is not installed: "
+                                  f"{exc.name}{extra}") from None
+
+
 ROWS_PER_INSERT = 249  # 996 bound values: under the 999 that SQLite before 3.32 allows per statement
 
 
@@ -777,6 +799,9 @@ def _run_dict(run: Run, s: Session | None = None) -> dict:
         out["model_version"] = s.get(ModelVersion, run.model_version_id).name
         out["train_dataset"] = s.get(Dataset, run.train_dataset_id).name
         out["test_dataset"] = s.get(Dataset, run.test_dataset_id).name
+        out["workers"] = live_owners(s, run.id) if run.status == "running" else []
+        if run.status == "running" and not out["workers"]:
+            out["status"] = "interrupted"  # no process holds a live lease on it: they all died or were killed
     return out
 
 
