@@ -44,3 +44,17 @@ def postgres_url():
     yield base.set(database=name).render_as_string(hide_password=False)
     with psycopg.connect(**admin) as connection:
         connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def scores_by_key(location: str, run_id: int) -> dict[tuple[str, str], bytes]:
+    """(test key, train key) -> the stored score's 8 bytes, read through the store (any score layout)."""
+    import numpy as np
+
+    from influence_store.store import Store
+
+    store = Store(location)
+    keys = store.examples(store.example_ids(run_id, "test") + store.example_ids(run_id, "train"))
+    out = {(keys[t]["key"], keys[j]["key"]): np.float64(v).tobytes()
+           for t in store.example_ids(run_id, "test") for j, v in store.score_rows(run_id, t)}
+    store.engine.dispose()
+    return out

@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from postgres_server import postgres_url  # noqa: F401  (fixture)
-from sqlalchemy import create_engine, text
+from postgres_server import postgres_url, scores_by_key  # noqa: F401  (a fixture)
 
 import influence_store.cli.commands  # noqa: F401  (attaches the built-in commands)
 from influence_store.cli.main import cli
@@ -123,17 +121,6 @@ def curation_loop(db, folder: Path) -> dict:
     return out
 
 
-def stored_scores(url: str) -> dict[tuple[int, str, str], bytes]:
-    """(run, test key, train key) -> the stored float's 8 bytes, read with plain SQL."""
-    engine = create_engine(url)
-    with engine.connect() as connection:
-        rows = connection.execute(text(
-            "SELECT s.run_id, te.key, tr.key, s.score FROM scores s JOIN examples te ON te.id = s.test_example_id "
-            "JOIN examples tr ON tr.id = s.train_example_id")).all()
-    engine.dispose()
-    return {(r, t, k): np.float64(v).tobytes() for r, t, k, v in rows}
-
-
 def test_every_command_answers_on_postgresql_as_on_sqlite(postgres_url, tmp_path):
     sqlite_db = tmp_path / "reference.db"
     expected = curation_loop(sqlite_db, tmp_path / "sqlite")
@@ -142,8 +129,9 @@ def test_every_command_answers_on_postgresql_as_on_sqlite(postgres_url, tmp_path
     for step in expected:  # floats aggregated by the database (SUM, AVG) may differ in the last bits
         assert_same(stable(got[step]), stable(expected[step]), step)
     assert expected["compare"]["removed"] and expected["verify"]["n_removed"] == 2  # the loop did real work
-    pg, lite = stored_scores(postgres_url), stored_scores(f"sqlite:///{sqlite_db}")
-    assert len(pg) == len(lite) == 150 * 40 + 148 * 40 and pg == lite  # bit for bit, same count
+    for run_id, n_train in ((1, 150), (2, 148)):
+        pg, lite = scores_by_key(postgres_url, run_id), scores_by_key(str(sqlite_db), run_id)
+        assert len(pg) == len(lite) == n_train * 40 and pg == lite  # bit for bit, same count
     assert Store(postgres_url).revision() == head_revision()
 
 
