@@ -15,6 +15,7 @@ import time
 from typing import Sequence
 
 from sqlalchemy import case, exists, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from .schema import SELF_INFLUENCE_BLOCK, Run, RunChunk, RunClaim, utcnow
@@ -28,8 +29,9 @@ class BlockClaimVerbs:
         with self.session() as s:
             known = set(s.scalars(select(RunClaim.block).where(RunClaim.run_id == run_id)))
             new = [b for b in blocks if b not in known]
-            if new:
-                s.execute(RunClaim.__table__.insert(), [
+            if new:  # processes that join at once add the same rows: the first one wins, the others skip them
+                dialect = {"postgresql": postgresql, "sqlite": sqlite}.get(s.bind.dialect.name)
+                s.execute(dialect.insert(RunClaim).on_conflict_do_nothing() if dialect else RunClaim.__table__.insert(), [
                     {"run_id": run_id, "block": b, "owner": None, "lease_expires": 0.0, "claims": 0} for b in new])
 
     def claim_block(self, run_id: int, owner: str, lease_seconds: float) -> tuple[int | None, float | None]:
