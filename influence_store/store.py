@@ -767,7 +767,7 @@ def _server_engine(url: str) -> Engine:
     """A database server's engine (PostgreSQL, ...): connections checked before use, a clear missing driver."""
     try:
         return create_engine(url, pool_pre_ping=True)
-    except ModuleNotFoundError as exc:
+    except ImportError as exc:
         extra = " (pip install 'influence-store[postgres]')" if url.startswith("postgresql") else ""
         raise InfluenceStoreError(f"the database driver for {make_url(url).drivername!r} is not installed: "
                                   f"{exc.name}{extra}") from None

@@ -31,7 +31,8 @@ class BlockClaimVerbs:
             new = [b for b in blocks if b not in known]
             if new:  # processes that join at once add the same rows: the first one wins, the others skip them
                 dialect = {"postgresql": postgresql, "sqlite": sqlite}.get(s.bind.dialect.name)
-                s.execute(dialect.insert(RunClaim).on_conflict_do_nothing() if dialect else RunClaim.__table__.insert(), [
+                insert = dialect.insert(RunClaim).on_conflict_do_nothing() if dialect else RunClaim.__table__.insert()
+                s.execute(insert, [
                     {"run_id": run_id, "block": b, "owner": None, "lease_expires": 0.0, "claims": 0} for b in new])
 
     def claim_block(self, run_id: int, owner: str, lease_seconds: float) -> tuple[int | None, float | None]:

@@ -159,7 +159,7 @@ def test_a_killed_run_shows_interrupted_then_the_same_command_finishes_it(spec, 
     db = tmp_path / "killed.db"
     process = start(db, spec, "--lease", "1", pace="0.03")
     wait_for(lambda: query(db, "SELECT 1 FROM run_chunks WHERE run_id = 1") and held_blocks(db), "a stored block",
-             [process])  # killed between blocks: the next block's lease must run out by itself
+             [process])  # killed while it holds a block: that lease must run out by itself
     process.send_signal(signal.SIGKILL)
     process.wait()
 
@@ -172,3 +172,17 @@ def test_a_killed_run_shows_interrupted_then_the_same_command_finishes_it(spec, 
     assert (json.loads(again.stdout)["run_id"], json.loads(again.stdout)["outcome"]) == (1, "resumed")
     assert_complete(db, reference)
     assert shown()["status"] == "done"
+
+
+@pytest.mark.parametrize("hidden, args, extra", [
+    ("distributed", ["--workers", "2"], "influence-store[dask]"),
+    ("psycopg", ["--db", "postgresql://someone@127.0.0.1:1/db"], "influence-store[postgres]"),
+])
+def test_a_missing_optional_extra_is_one_line_naming_it(spec, tmp_path, monkeypatch, hidden, args, extra):
+    monkeypatch.setitem(sys.modules, hidden, None)  # as if the extra were not installed
+    monkeypatch.setenv("INFLUENCE_STORE_DB", str(tmp_path / "store.db"))
+    db = args[1] if args[0] == "--db" else str(tmp_path / "store.db")
+    result = CliRunner().invoke(cli, ["--db", db, "run", spec, *ARGS, *[a for a in args if args[0] != "--db"]])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("Error: ") and extra in line, line
