@@ -158,10 +158,11 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
         outcome = "computed" if status == "pending" else "resumed"
     else:
         run_id, outcome = existing["id"], "resumed"
+    leases = BlockLeases(store, run_id, lease_seconds)
     store.start_run(run_id)
     store.add_blocks(run_id, list(range(computation.num_chunks)) + ([SELF_INFLUENCE_BLOCK] if self_influence else []))
     try:
-        with BlockLeases(store, run_id, lease_seconds) as leases:
+        with leases:
             _compute_claimed_blocks(store, run_id, computation, leases)
     except BaseException as exc:
         # A process that joined a run and stops leaves it to the others still working on it (or done).
@@ -194,10 +195,9 @@ def _compute_claimed_blocks(store: Store, run_id: int, computation, leases: Bloc
                 raise  # else another process, whose lease this one outlived, stored the same block first
         store.finish_block(run_id, chunk.index)
 
-    todo = computation.num_chunks - len(store.done_chunks(run_id))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="influence-store-writer") as writer:
         pending = None
-        for block in _progress(leases.blocks(), computation.progress, "blocks", total=todo):
+        for block in _progress(leases.blocks(), computation.progress, "blocks"):  # how many: up to the others
             if block == SELF_INFLUENCE_BLOCK:
                 values = computation.self_influence().tolist()
                 if pending is not None:
