@@ -18,6 +18,8 @@ from typing import Any
 
 from .errors import InfluenceStoreError
 from .phases import QUIET, Phases
+from .leases import DEFAULT_LEASE_SECONDS, BlockLeases
+from .schema import SELF_INFLUENCE_BLOCK
 from .store import Store
 from .task import Task, content_hash, load_task
 from .trust import portable_spec, stored_task
@@ -75,10 +77,24 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
                 model_version: str | None = None, dataset: str | None = None, device: str = "cpu", seed: int = 0,
                 dtype: str | None = None, memory_budget_mb: float = 256.0, test_chunk_size: int | None = None,
                 self_influence: bool = True, progress: bool = False, resume: int | None = None,
-                allow_removed: bool = False, model_mode: str = "eval", phases: Phases | None = None) -> RunResult:
+                allow_removed: bool = False, model_mode: str = "eval", lease_seconds: float = DEFAULT_LEASE_SECONDS,
+                workers: int | None = None, scheduler: str | None = None, phases: Phases | None = None) -> RunResult:
     """Compute a task's scores into the store (or report/resume the run that already has them).
 
-    ``progress`` shows bars on a terminal; ``phases`` (e.g. ``Phases()``) names each long step on stderr."""
+    ``progress`` shows bars on a terminal; ``phases`` (e.g. ``Phases()``) names each long step on stderr.
+
+    Processes that compute the same run share it: each claims blocks from the store (see leases.py).
+    ``workers``/``scheduler`` run that loop on Dask workers instead of in this process (distributed.py).
+    """
+    if workers is not None or scheduler is not None:
+        from .distributed import execute_run_on_dask
+
+        return execute_run_on_dask(store, spec, workers=workers, scheduler=scheduler, task_options=task_options,
+                                   approximator=approximator, options=options, freeze=freeze,
+                                   freeze_options=freeze_options, model_version=model_version, dataset=dataset,
+                                   device=device, seed=seed, dtype=dtype, memory_budget_mb=memory_budget_mb,
+                                   test_chunk_size=test_chunk_size, self_influence=self_influence, resume=resume,
+                                   allow_removed=allow_removed, model_mode=model_mode, lease_seconds=lease_seconds)
     from .freezing import tracked_parameters
     from .options import options_to_dict, parse_options
     from .plugin_manager import lookup
@@ -175,34 +191,59 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
     fitted = computation.approximator.state() if state is None else None
     if fitted is not None:  # e.g. EK-FAC factors: a resumed run loads them instead of fitting again
         store.save_artifact(run_id, APPROXIMATOR_STATE, fitted)
+    leases = BlockLeases(store, run_id, lease_seconds)
     store.start_run(run_id)
+    store.add_blocks(run_id, list(range(computation.num_chunks)) + ([SELF_INFLUENCE_BLOCK] if self_influence else []))
     try:
-        train_ids, test_ids = store.example_ids(run_id, "train"), store.example_ids(run_id, "test")
-        # One writer thread stores chunk i while chunk i+1 is computed. Neither holds the GIL for long:
-        # torch releases it, and a chunk is a few hundred rows (one blob per test example, score_layout.py)
-        # whose SQLite work runs with the GIL released, so the writer does not slow the computation.
-        # At most one chunk is in flight (a crash loses at most that one); a failure in either thread
-        # stops the run, and a chunk already computed is still stored before it stops.
         step = f"scoring {computation.num_chunks} test chunks" + (" and self-influence" if self_influence else "")
-        with phases.step(step), ThreadPoolExecutor(max_workers=1, thread_name_prefix="influence-store-writer") \
-                as writer:
-            pending = None
-            for chunk in computation.chunks(skip=store.done_chunks(run_id)):
-                if pending is not None:
-                    pending.result()
-                pending = writer.submit(store.write_chunk, run_id, chunk.index,
-                                        [test_ids[i] for i in chunk.test_indices], train_ids, chunk.scores.numpy())
-            values = computation.self_influence().tolist() if self_influence else None
-            if pending is not None:
-                pending.result()
-        if values is not None:
-            store.write_self_influence(run_id, values)
+        with phases.step(step), leases:
+            _compute_claimed_blocks(store, run_id, computation, leases)
     except BaseException as exc:
-        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
-        store.fail_run(run_id, reason, time.perf_counter() - started)
+        # A process that joined a run and stops leaves it to the others still working on it (or done).
+        if not store.run_workers(run_id) and store.run(run_id)["status"] != "done":
+            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
+            store.fail_run(run_id, reason, time.perf_counter() - started)
         raise
     seconds = time.perf_counter() - started
     # Loading the task (importing a framework, reading data) is reported apart from computing its scores.
     computation.diagnostics.update(seconds_load=seconds_load, seconds_compute=seconds - seconds_load)
-    store.finish_run(run_id, seconds, computation.diagnostics)
+    store.complete_run(run_id, seconds, computation.diagnostics, self_influence)
     return RunResult(run_id, "done", outcome, seconds)
+
+
+def _compute_claimed_blocks(store: Store, run_id: int, computation, leases: BlockLeases) -> None:
+    """Compute and store every block this process claims, until no block of the run is left.
+
+    One writer thread stores chunk i while chunk i+1 is computed (torch releases the GIL), so persistence
+    hides behind computation. At most one chunk is in flight; a failure in either thread stops the run,
+    and a chunk already computed is still stored before it stops.
+    """
+    from .scoring import _progress
+
+    train_ids, test_ids = store.example_ids(run_id, "train"), store.example_ids(run_id, "test")
+
+    def store_chunk(chunk) -> None:
+        try:
+            store.write_chunk(run_id, chunk.index, [test_ids[i] for i in chunk.test_indices], train_ids,
+                              chunk.scores.numpy())
+        except Exception:
+            if chunk.index not in store.done_chunks(run_id):
+                raise  # else another process, whose lease this one outlived, stored the same block first
+        store.finish_block(run_id, chunk.index)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="influence-store-writer") as writer:
+        pending = None
+        for block in _progress(leases.blocks(), computation.progress, "blocks"):  # how many: up to the others
+            if block == SELF_INFLUENCE_BLOCK:
+                values = computation.self_influence().tolist()
+                if pending is not None:
+                    pending.result()
+                store.write_self_influence(run_id, values)  # the same values from whoever computes them
+                store.finish_block(run_id, block)
+                continue
+            chunk = computation.chunk(block)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(store_chunk, chunk)
+        if pending is not None:
+            pending.result()

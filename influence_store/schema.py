@@ -143,6 +143,28 @@ class RunChunk(Base):
     finished_utc: Mapped[str] = mapped_column(String(40), default=utcnow)
 
 
+class RunClaim(Base):
+    """A lease on one block of a run: the work queue that processes sharing a run claim from.
+
+    Blocks ``0..chunks_total-1`` are test chunks (done exactly when their ``run_chunks`` row exists);
+    block ``SELF_INFLUENCE_BLOCK`` is the self-influence pass over the training set. A block is free when
+    its ``lease_expires`` (Unix seconds of the owner's clock) has passed: its owner died or let it go.
+    """
+
+    __tablename__ = "run_claims"
+    __table_args__ = (PrimaryKeyConstraint("run_id", "block"),)
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    block: Mapped[int] = mapped_column(Integer)
+    owner: Mapped[str | None] = mapped_column(String(200))  # host:pid:token of the last claimer
+    lease_expires: Mapped[float] = mapped_column(Float, default=0.0)
+    claims: Mapped[int] = mapped_column(Integer, default=0)  # > 1: claimed again after a lease ran out
+    finished_utc: Mapped[str | None] = mapped_column(String(40))
+
+
+SELF_INFLUENCE_BLOCK = -1
+
+
 class ScoreBlock(Base):
     """Every score of one test example in a run: the training examples' scores in the run's training
     positions, as little-endian ``encoding`` ('<f4' when exact, else '<f8'). See score_layout.py."""

@@ -67,12 +67,16 @@ class ScoreComputation:
         computation produces exactly the chunks it had not finished."""
         todo = [i for i in range(self.num_chunks) if i not in set(skip)]
         for index in _progress(todo, self.progress, "test chunks"):
-            started = time.perf_counter()
-            test_indices = self.chunk_indices(index)
-            scores = self.scores_for(test_indices)
-            self.diagnostics["seconds_scoring"] = self.diagnostics.get("seconds_scoring", 0.0) + (
-                time.perf_counter() - started)
-            yield ScoreChunk(index, test_indices, scores)
+            yield self.chunk(index)
+
+    def chunk(self, index: int) -> ScoreChunk:
+        """One test chunk's scores (the unit that processes sharing a run claim from the store)."""
+        started = time.perf_counter()
+        test_indices = self.chunk_indices(index)
+        scores = self.scores_for(test_indices)
+        self.diagnostics["seconds_scoring"] = self.diagnostics.get("seconds_scoring", 0.0) + (
+            time.perf_counter() - started)
+        return ScoreChunk(index, test_indices, scores)
 
     def scores_for(self, test_indices: Sequence[int]) -> Tensor:
         """Scores [len(test_indices), n_train] as float64."""

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from sqlalchemy import bindparam, case, create_engine, event, func, select, update
+from sqlalchemy import bindparam, case, create_engine, event, func, select, text, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import Session
@@ -25,12 +25,18 @@ from .store_file import DB_ENV, DEFAULT_DB, default_location, sqlite_path  # noq
 from .schema import (Dataset, Example, ModelVersion, Proposal, ProposalEvent, Run, RunArtifact, RunChunk, RunExample,
                      ScoreBlock, Verification, utcnow)
 from .score_store import ScoreStore
+from .store_claims import BlockClaimVerbs, live_owners
+
 
 def database_url(location: str | None = None) -> str:
-    """A SQLAlchemy URL for a path or URL (an in-memory SQLite URL is refused)."""
+    """A SQLAlchemy URL for a path or URL (an in-memory SQLite URL is refused); a PostgreSQL URL without a
+    driver means psycopg (version 3)."""
     location = location or default_location()
-    path = sqlite_path(location)
-    return location if "://" in location else f"sqlite:///{path}"
+    if "://" not in location:
+        return f"sqlite:///{sqlite_path(location)}"
+    sqlite_path(location)
+    scheme, rest = location.split("://", 1)
+    return f"postgresql+psycopg://{rest}" if scheme in ("postgresql", "postgres") else location
 
 
 def _alembic_config(connection=None):
@@ -53,7 +59,7 @@ def head_revision() -> str:
     return _scripts().get_current_head()
 
 
-class Store(ScoreStore):
+class Store(ScoreStore, BlockClaimVerbs):
     """One database. Verbs take and return plain values (ints, strings, dicts, lists)."""
 
     def __init__(self, location: str | None = None, *, upgrade: bool = True, create: bool = True) -> None:
@@ -64,6 +70,7 @@ class Store(ScoreStore):
         except Exception as exc:  # sqlalchemy.exc.ArgumentError: not a URL it can parse
             raise InfluenceStoreError(f"cannot use store {self.location!r}: {_reason(exc)}; give a file path or "
                                       f"a database URL such as postgresql+psycopg://user@host/db") from None
+        self.is_postgresql = make_url(self.url).get_backend_name() == "postgresql"
         if self.is_sqlite:
             self.path = Path(make_url(self.url).database or "")
             try:
@@ -103,14 +110,7 @@ class Store(ScoreStore):
 
     def _engine(self) -> Engine:
         if not self.is_sqlite:
-            try:
-                return create_engine(self.url)
-            except ModuleNotFoundError as exc:
-                raise InfluenceStoreError(f"cannot open store {self.location!r}: its database driver "
-                                          f"{exc.name!r} is not installed; pip install {exc.name} or name an "
-                                          f"installed driver in the URL") from None
-            except Exception as exc:
-                raise InfluenceStoreError(f"cannot open store {self.location!r}: {_reason(exc)}") from None
+            return _server_engine(self.url)
         engine = create_engine(self.url, connect_args={"timeout": 60})
 
         @event.listens_for(engine, "connect")
@@ -190,6 +190,8 @@ class Store(ScoreStore):
             raise InfluenceStoreError(f"store {self.location!r} needs a schema upgrade but is read-only")
         try:
             with self.engine.begin() as connection:
+                if self.is_postgresql:  # processes opening a new store at once: one migrates, the others wait
+                    connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
                 command.upgrade(_alembic_config(connection), "head")
         except OperationalError as exc:
             raise InfluenceStoreError(f"cannot upgrade store {self.location!r}: {_reason(exc)}") from None
@@ -372,6 +374,8 @@ class Store(ScoreStore):
         When another process created the run with these settings meanwhile, returns that run's id instead,
         so both processes work on one run (each chunk is stored once)."""
         with self.session() as s:
+            if self.is_postgresql:  # what SQLite's BEGIN IMMEDIATE gives: one process registers at a time
+                s.execute(text(f"SELECT pg_advisory_xact_lock({CREATE_RUN_LOCK})"))
             raced = s.scalar(select(Run.id).where(Run.settings_fingerprint == settings_fingerprint)
                              .order_by(Run.id.desc()).limit(1))
             if raced is not None:
@@ -701,6 +705,21 @@ class Store(ScoreStore):
                 for name, rows in groups.items()}
 
 
+MIGRATION_LOCK, CREATE_RUN_LOCK = 7_310_001, 7_310_002  # PostgreSQL advisory lock keys of influence-store
+
+
+def _server_engine(url: str) -> Engine:
+    """A database server's engine (PostgreSQL, ...): connections checked before use, a clear missing driver."""
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except ImportError as exc:
+        extra = " (pip install 'influence-store[postgres]')" if url.startswith("postgresql") else ""
+        raise InfluenceStoreError(f"the database driver for {make_url(url).drivername!r} is not installed: "
+                                  f"{exc.name}{extra}") from None
+    except Exception as exc:
+        raise InfluenceStoreError(f"cannot open store {url!r}: {_reason(exc)}") from None
+
+
 def _run_dict(run: Run, s: Session | None = None) -> dict:
     out = {c.name: getattr(run, c.key) for c in Run.__table__.columns}
     for name in ("options_json", "freeze_options_json", "versions_json", "settings_json", "diagnostics_json",
@@ -710,6 +729,9 @@ def _run_dict(run: Run, s: Session | None = None) -> dict:
         out["model_version"] = s.get(ModelVersion, run.model_version_id).name
         out["train_dataset"] = s.get(Dataset, run.train_dataset_id).name
         out["test_dataset"] = s.get(Dataset, run.test_dataset_id).name
+        out["workers"] = live_owners(s, run.id) if run.status == "running" else []
+        if run.status == "running" and not out["workers"]:
+            out["status"] = "interrupted"  # no process holds a live lease on it: they all died or were killed
     return out
 
 

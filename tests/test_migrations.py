@@ -66,6 +66,10 @@ ROWS_AT = {
         "INSERT INTO proposal_events (id, proposal_id, from_status, to_status, actor, note, created_utc) VALUES "
         "(1, 1, 'proposed', 'accepted', 'ann', 'mislabeled', '2026-01-02T00:00:00+00:00')",
     ],
+    "0005_block_claims": [
+        "INSERT INTO run_claims (run_id, block, owner, lease_expires, claims, finished_utc) VALUES "
+        "(1, 0, 'host:12:ab', 1764547200.5, 2, '2026-01-01T00:00:01+00:00'), (1, -1, NULL, 0.0, 0, NULL)",
+    ],
 }
 
 

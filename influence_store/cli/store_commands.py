@@ -186,15 +186,23 @@ def db_backup(db, target):
                    "('-' asks on a terminal before loading the task the store names).")
 @click.option("--allow-removed", is_flag=True,
               help="Score training examples whose removal was applied in this model version's lineage.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Split the run over N local Dask worker processes (needs influence-store[dask]).")
+@click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
+              help="Split the run over the workers of this Dask cluster (needs influence-store[dask]).")
+@click.option("--lease", "lease_seconds", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              show_default=True, metavar="SECONDS",
+              help="A block whose process stopped renewing its claim for this long is computed by another.")
 @click.option("--quiet", is_flag=True, help="No progress bars (phase lines with elapsed times still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (and nothing else).")
 def run(db, task_spec, approximator, options, freeze, freeze_options, task_options, train_data, test_data,
         model_version, dataset, device, seed, dtype, memory_budget_mb, test_chunk_size, no_self_influence,
-        model_mode, resume, allow_removed, quiet, as_json):
+        model_mode, resume, allow_removed, workers, scheduler, lease_seconds, quiet, as_json):
     """Compute every influence score of TASK_SPEC and store it.
 
     TASK_SPEC is FILE.py:FUNCTION, MODULE:FUNCTION, or LOADER:TARGET (e.g. allennlp:model.tar.gz).
-    Running the same settings again reports the stored run; an interrupted run resumes.
+    Running the same settings again reports the stored run; an interrupted run resumes. Processes
+    started with the same settings (by hand, by SLURM, or --workers) share the run, block by block.
 
     Example: influence-store run examples/digits_noisy.py:task -a exact -o damping 0.001
     """
@@ -216,7 +224,8 @@ def run(db, task_spec, approximator, options, freeze, freeze_options, task_optio
                              model_version=model_version, dataset=dataset, device=device, seed=seed, dtype=dtype,
                              memory_budget_mb=memory_budget_mb, test_chunk_size=test_chunk_size,
                              self_influence=not no_self_influence, progress=not quiet and not as_json,
-                             resume=resume, allow_removed=allow_removed, model_mode=model_mode,
+                             resume=resume, allow_removed=allow_removed, model_mode=model_mode, lease_seconds=lease_seconds,
+                             workers=workers, scheduler=scheduler,
                              phases=Phases(enabled=not as_json))
     except UntrustedTaskError as exc:
         raise click.ClickException(f"{exc}: influence-store run {shlex.quote(exc.spec)} --resume {exc.run_id}") \
