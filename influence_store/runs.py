@@ -64,7 +64,7 @@ def _portable_spec(spec: str) -> str:
 def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = None, approximator: str = "lissa",
                 options: dict | None = None, freeze: str = "all", freeze_options: dict | None = None,
                 model_version: str | None = None, dataset: str | None = None, device: str = "cpu", seed: int = 0,
-                dtype: str | None = None, memory_budget_mb: float = 256.0, test_chunk_size: int | None = None,
+                dtype: str | None = None, memory_budget_mb: float | None = None, test_chunk_size: int | None = None,
                 self_influence: bool = True, progress: bool = False, resume: int | None = None,
                 allow_removed: bool = False) -> RunResult:
     """Compute a task's scores into the store (or report/resume the run that already has them)."""

@@ -20,6 +20,7 @@ class Exact(Approximator):
     """
 
     name = "exact"
+    working_vectors = 6  # per vector in flight: its gradient and float64 right-hand side and solution
 
     @dataclass
     class Options:
@@ -45,14 +46,16 @@ class Exact(Approximator):
                 f"exact needs a {p}x{p} Hessian, above max_params={self.options.max_params}; use -a lissa, "
                 f"or track fewer parameters with --freeze last-layer / regex / modules")
         h = self.model.dense_hessian()
-        h = h + self.options.damping * torch.eye(p, dtype=h.dtype, device=h.device)
-        eigenvalues, eigenvectors = torch.linalg.eigh(h)
-        self.diagnostics.update(min_eigenvalue=float(eigenvalues[0]), max_eigenvalue=float(eigenvalues[-1]))
+        h.diagonal().add_(self.options.damping)
         factor, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:
+        if int(info) == 0:  # eigenvalues only for the record: several times cheaper than eigenvectors
+            eigenvalues = torch.linalg.eigvalsh(h)
+            self.diagnostics.update(min_eigenvalue=float(eigenvalues[0]), max_eigenvalue=float(eigenvalues[-1]))
             self.diagnostics["solver"] = "cholesky"
             self._solve = lambda b: torch.cholesky_solve(b, factor)
         else:
+            eigenvalues, eigenvectors = torch.linalg.eigh(h)
+            self.diagnostics.update(min_eigenvalue=float(eigenvalues[0]), max_eigenvalue=float(eigenvalues[-1]))
             self.diagnostics["solver"] = "eigh-pseudo-inverse"
             keep = eigenvalues.abs() > 1e-10 * eigenvalues.abs().max()
             self.diagnostics["dropped_eigenvalues"] = int((~keep).sum())
