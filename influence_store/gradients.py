@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -70,6 +71,7 @@ class TrackedModel:
         self.flat = torch.cat([self._cast(named[n].detach()).reshape(-1) for n in self.names])
         self.grad_strategy = "vmap"
         self.hvp_strategy = "func"
+        self._hvp_timed = False
         self.notes: list[str] = []
 
     # ---------- plumbing ----------
@@ -235,10 +237,22 @@ class TrackedModel:
         return rows, examples
 
     def _hvp_sum(self, vectors: Tensor, batch: Any) -> Tensor:
-        """Sum over the batch's examples of ``H_i v``, forward-over-reverse; double backward when
-        torch.func cannot trace the model (recorded in the notes)."""
+        """Sum over the batch's examples of ``H_i v``: forward-over-reverse or double backward,
+        whichever ran faster on the first call (both are exact; vmap's fallbacks make either one the
+        slow one depending on the model). A model torch.func cannot trace uses double backward."""
         if self.hvp_strategy == "func":
             try:
+                if not self._hvp_timed:  # first call: time both ways on two of the vectors, keep the faster
+                    self._hvp_timed = True
+                    probe = vectors[:2]
+                    seconds = []
+                    for way in (self._func_hvp_sum, self._autograd_hvp_sum, self._func_hvp_sum):
+                        started = time.perf_counter()
+                        way(probe, batch)
+                        seconds.append(time.perf_counter() - started)
+                    if seconds[1] < seconds[2]:  # (the first func call pays one-off tracing costs)
+                        self.hvp_strategy = "autograd"
+                        return self._autograd_hvp_sum(vectors, batch)
                 return self._func_hvp_sum(vectors, batch)
             except Exception as exc:  # e.g. an op without a forward-mode or batching rule
                 self.hvp_strategy = "autograd"
