@@ -25,6 +25,7 @@ from .options import options_to_dict, parse_options
 from .plan import Plan, make_plan, stored_chunk_size
 from .task import Task
 
+LONG_RUN_WORK = 5e7  # parameters x examples above which a run with progress bars prints its plan first
 SIGN_CONVENTION = "score = g_test^T (H + ridge)^-1 g_train; positive = helpful, negative = harmful"
 
 
@@ -216,7 +217,7 @@ def compute_scores(task: Task, approximator: str = "lissa", options: dict | None
                                    train_losses=train_losses, test_losses=test_losses, _plan=plan)
     computation.diagnostics.update(approximator=instance.diagnostics, grad_notes=model.notes, plan=plan.to_dict(),
                                    seconds_prepare=time.perf_counter() - started)
-    if progress:  # before the long part, where the progress bars go
+    if progress and plan.num_params * (plan.n_train + plan.n_test) >= LONG_RUN_WORK:  # before a long run
         print(plan.describe(), file=sys.stderr, flush=True)
     return computation
 
