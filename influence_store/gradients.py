@@ -3,10 +3,10 @@
 Parameters are handled as one flat vector of size ``p`` (in the order of the tracked names). The
 model itself is never mutated: a detached copy of the tracked parameters (and of every other parameter
 and buffer, moved to the compute device and dtype) is passed through ``torch.func.functional_call``.
-Per-example gradients use ``vmap(grad(...))`` over batches sized by a memory budget. HVPs are
-forward-over-reverse (``vmap(jvp(grad(...)))``, the construction of ``torch.func.hessian``) over as many
-training examples and vectors at once as the budget allows; the dense Hessian is the same map applied
-to the identity in large blocks. Sizes come from ``plan.py``'s cost model: what one example's autograd
+Per-example gradients use ``vmap(grad(...))`` over batches sized by a memory budget. HVPs use double
+backward with ``is_grads_batched`` (many vectors share one graph) over as many training examples and
+vectors at once as the budget allows; the dense Hessian is the same map applied to the identity in
+large blocks. Sizes come from ``plan.py``'s cost model: what one example's autograd
 graph holds is measured once (saved-tensor hooks), not guessed from the parameter count.
 """
 
@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
 from .errors import InfluenceStoreError
@@ -70,8 +69,6 @@ class TrackedModel:
         self._fixed.update({f"model.{n}": self._cast(b) for n, b in task.model.named_buffers()})
         self.flat = torch.cat([self._cast(named[n].detach()).reshape(-1) for n in self.names])
         self.grad_strategy = "vmap"
-        self.hvp_strategy = "func"
-        self._hvp_timed = False
         self.notes: list[str] = []
 
     # ---------- plumbing ----------
@@ -237,34 +234,8 @@ class TrackedModel:
         return rows, examples
 
     def _hvp_sum(self, vectors: Tensor, batch: Any) -> Tensor:
-        """Sum over the batch's examples of ``H_i v``: forward-over-reverse or double backward,
-        whichever ran faster on the first call (both are exact; vmap's fallbacks make either one the
-        slow one depending on the model). A model torch.func cannot trace uses double backward."""
-        if self.hvp_strategy == "func":
-            try:
-                if not self._hvp_timed:  # first call: time both ways on two of the vectors, keep the faster
-                    self._hvp_timed = True
-                    probe = vectors[:2]
-                    seconds = []
-                    for way in (self._func_hvp_sum, self._autograd_hvp_sum, self._func_hvp_sum):
-                        started = time.perf_counter()
-                        way(probe, batch)
-                        seconds.append(time.perf_counter() - started)
-                    if seconds[1] < seconds[2]:  # (the first func call pays one-off tracing costs)
-                        self.hvp_strategy = "autograd"
-                        return self._autograd_hvp_sum(vectors, batch)
-                return self._func_hvp_sum(vectors, batch)
-            except Exception as exc:  # e.g. an op without a forward-mode or batching rule
-                self.hvp_strategy = "autograd"
-                self.notes.append(f"forward-over-reverse HVPs unavailable ({type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); used double backward")
-        return self._autograd_hvp_sum(vectors, batch)
-
-    def _func_hvp_sum(self, vectors: Tensor, batch: Any) -> Tensor:
-        gradient = grad(lambda flat: self._losses(flat, batch).sum())
-        return vmap(lambda v: jvp(gradient, (self.flat,), (v,))[1])(vectors).detach()
-
-    def _autograd_hvp_sum(self, vectors: Tensor, batch: Any) -> Tensor:
+        """Sum over the batch's examples of ``H_i v``: double backward, every vector through one graph.
+        (Deterministic by design: the same run twice gives the same bits.)"""
         flat = self.flat.detach().requires_grad_(True)
         loss = self._losses(flat, batch).sum()
         (g,) = torch.autograd.grad(loss, flat, create_graph=True, allow_unused=True)
@@ -281,9 +252,9 @@ class TrackedModel:
     def dense_hessian(self) -> Tensor:
         """The full training Hessian (with ``l2 I``) as a [p, p] float64 matrix.
 
-        Built directly as ``jacfwd(jacrev(mean loss))``: forward-mode tangents along the identity's
-        columns through the gradient, over the whole training set in as few example batches (and
-        column blocks) as the budget allows, not one HVP call per small block."""
+        Built as the Hessian's rows along all identity columns at once, through one gradient graph per
+        example batch, over the whole training set in as few batches (and column blocks) as the
+        budget allows, not one HVP call per small block."""
         p = self.num_params
         h = self.hvp(torch.eye(p, device=self.device, dtype=self.dtype)).to(torch.float64)
         return (h + h.T) / 2

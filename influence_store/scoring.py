@@ -79,10 +79,14 @@ class ScoreComputation:
         skipped = set(skip)
         todo = [i for i in range(self.num_chunks) if i not in skipped]
         per_block = max(1, self.plan.test_block_size // self.test_chunk_size)
+        # A fixed grid of blocks: chunk 0 alone (stored early, so a run soon has resumable progress), then
+        # blocks of ``per_block`` chunks; a resumed run computes the missing chunks of each grid block.
+        blocks: dict[int, list[int]] = {}
+        for index in todo:
+            blocks.setdefault(0 if index == 0 else 1 + (index - 1) // per_block, []).append(index)
         bar = _progress(None, self.progress, "test chunks", total=len(todo))
-        for b in range(0, len(todo), per_block):
+        for block in blocks.values():
             started = time.perf_counter()
-            block = todo[b:b + per_block]
             parts = [self.chunk_indices(index) for index in block]
             scores = self.scores_for([i for part in parts for i in part])
             self.diagnostics["seconds_scoring"] = self.diagnostics.get("seconds_scoring", 0.0) + (
