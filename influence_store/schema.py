@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import (CheckConstraint, Float, ForeignKey, Index, Integer, MetaData, PrimaryKeyConstraint,
-                        String, Text, UniqueConstraint)
+from sqlalchemy import (CheckConstraint, Float, ForeignKey, Index, Integer, LargeBinary, MetaData,
+                        PrimaryKeyConstraint, String, Text, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -131,17 +131,49 @@ class RunChunk(Base):
     finished_utc: Mapped[str] = mapped_column(String(40), default=utcnow)
 
 
-class Score(Base):
-    """One row per (run, test example, train example); ``score`` in the run's sign convention."""
+class ScoreBlock(Base):
+    """Every score of one test example in a run: the training examples' scores in the run's training
+    positions, as little-endian ``encoding`` ('<f4' when exact, else '<f8'). See score_layout.py."""
 
-    __tablename__ = "scores"
-    __table_args__ = (PrimaryKeyConstraint("run_id", "test_example_id", "train_example_id"),
+    __tablename__ = "score_blocks"
+    __table_args__ = (PrimaryKeyConstraint("run_id", "test_example_id"),
+                      CheckConstraint("encoding IN ('<f4', '<f8')", name="encoding"))
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    test_example_id: Mapped[int] = mapped_column(ForeignKey("examples.id"))
+    encoding: Mapped[str] = mapped_column(String(3))
+    scores: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ScoreExtreme(Base):
+    """Per test example, its most helpful and most harmful training examples, ranked (rank 1 = strongest)."""
+
+    __tablename__ = "score_extremes"
+    __table_args__ = (PrimaryKeyConstraint("run_id", "test_example_id", "side", "rank"),
+                      CheckConstraint("side IN ('helpful', 'harmful')", name="side"),
                       {"sqlite_with_rowid": False})
 
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     test_example_id: Mapped[int] = mapped_column(ForeignKey("examples.id"))
+    side: Mapped[str] = mapped_column(String(7))
+    rank: Mapped[int] = mapped_column(Integer)
     train_example_id: Mapped[int] = mapped_column(ForeignKey("examples.id"))
     score: Mapped[float] = mapped_column(Float)
+
+
+class TrainAggregate(Base):
+    """Per training example, over the test examples stored so far: count, sum, min, max, how many it hurts."""
+
+    __tablename__ = "train_aggregates"
+    __table_args__ = (PrimaryKeyConstraint("run_id", "train_example_id"), {"sqlite_with_rowid": False})
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    train_example_id: Mapped[int] = mapped_column(ForeignKey("examples.id"))
+    n_test: Mapped[int] = mapped_column(Integer)
+    sum_score: Mapped[float] = mapped_column(Float)
+    min_score: Mapped[float] = mapped_column(Float)
+    max_score: Mapped[float] = mapped_column(Float)
+    hurts: Mapped[int] = mapped_column(Integer)
 
 
 class Proposal(Base):

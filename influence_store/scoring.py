@@ -103,12 +103,11 @@ class ScoreComputation:
         """Scores [len(test_indices), n_train] as float64: the test gradients' inverse-HVPs in one call,
         then one streamed pass over the training gradients."""
         test_indices = list(test_indices)
-        step = self.model.grad_chunk_size()
-        with torch.no_grad():
-            g_test = torch.cat([self.model.per_example_grads("test", test_indices[s:s + step])
-                                for s in range(0, len(test_indices), step)]) if test_indices else None
-        if g_test is None:
+        if not test_indices:
             return torch.zeros(0, self.n_train, dtype=torch.float64)
+        step = self.model.grad_chunk_size()
+        g_test = torch.cat([self.model.per_example_grads("test", test_indices[s:s + step])  # enables gradients itself
+                            for s in range(0, len(test_indices), step)])
         ihvp = self._inverse_hvp(g_test)
         del g_test
         out = torch.empty(len(test_indices), self.n_train, dtype=torch.float64)
@@ -176,12 +175,15 @@ class ScoreComputation:
 def compute_scores(task: Task, approximator: str = "lissa", options: dict | None = None,
                    freeze: str = "all", freeze_options: dict | None = None, device: str = "cpu",
                    seed: int = 0, dtype: str | torch.dtype | None = None, memory_budget_mb: float | None = None,
-                   test_chunk_size: int | None = None, progress: bool = False) -> ScoreComputation:
+                   test_chunk_size: int | None = None, progress: bool = False,
+                   model_mode: str = "eval") -> ScoreComputation:
     """Prepare an influence computation: choose parameters, check losses, set up the approximator.
 
     Returns a ``ScoreComputation``: iterate ``.chunks()`` to stream scores, or call ``.matrix()`` and
     ``.self_influence()``. Nothing is computed for a test chunk until it is asked for. With no
     ``memory_budget_mb`` the budget is a share of the available memory; ``.plan`` says how it is used.
+    ``model_mode="train"`` takes training-example gradients in train mode (dropout on, as AllenNLP's
+    SimpleInfluence does), from a generator seeded with ``seed``; test gradients and HVPs use eval mode.
     """
     from .plugin_manager import lookup
 
@@ -191,7 +193,8 @@ def compute_scores(task: Task, approximator: str = "lissa", options: dict | None
     device = _check_device(device)
     torch_dtype = _dtype(dtype)
     names = tracked_parameters(task.model, freeze, freeze_options)
-    model = TrackedModel(task, names, device=device, dtype=torch_dtype, memory_budget_mb=memory_budget_mb)
+    model = TrackedModel(task, names, device=device, dtype=torch_dtype, memory_budget_mb=memory_budget_mb,
+                         model_mode=model_mode, seed=seed, verbose=progress)
     train_losses = model.losses("train")
     test_losses = model.losses("test")
     instance = entry.cls(parsed, model, seed=seed)
@@ -207,6 +210,7 @@ def compute_scores(task: Task, approximator: str = "lissa", options: dict | None
         "num_params": model.num_params,
         "tracked_fingerprint": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16],
         "seed": seed,
+        "model_mode": model_mode,
         "device": str(device),
         "dtype": str(model.dtype).replace("torch.", ""),
         "l2": model.l2,
@@ -219,7 +223,8 @@ def compute_scores(task: Task, approximator: str = "lissa", options: dict | None
     }
     computation = ScoreComputation(task, model, instance, settings, chunk, progress=progress,
                                    train_losses=train_losses, test_losses=test_losses, _plan=plan)
-    computation.diagnostics.update(approximator=instance.diagnostics, grad_notes=model.notes, plan=plan.to_dict(),
+    computation.diagnostics.update(approximator=instance.diagnostics, grad_notes=model.notes, grad_path=model.grad_path,
+                                   plan=plan.to_dict(),
                                    seconds_prepare=time.perf_counter() - started)
     if progress and plan.num_params * (plan.n_train + plan.n_test) >= LONG_RUN_WORK:  # before a long run
         print(plan.describe(), file=sys.stderr, flush=True)

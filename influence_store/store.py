@@ -10,22 +10,20 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import time
 from contextlib import contextmanager
 from importlib import resources
-from itertools import chain, islice, repeat
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-import numpy as np
 from sqlalchemy import bindparam, case, create_engine, event, func, select, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import Session
 
 from .errors import InfluenceStoreError
-from .schema import (Dataset, Example, ModelVersion, Proposal, ProposalEvent, Run, RunChunk, RunExample, Score,
+from .schema import (Dataset, Example, ModelVersion, Proposal, ProposalEvent, Run, RunChunk, RunExample, ScoreBlock,
                      Verification, utcnow)
+from .score_store import ScoreStore
 
 DEFAULT_DB = "influence-store.db"
 DB_ENV = "INFLUENCE_STORE_DB"
@@ -58,7 +56,7 @@ def head_revision() -> str:
     return ScriptDirectory.from_config(_alembic_config()).get_current_head()
 
 
-class Store:
+class Store(ScoreStore):
     """One database. Verbs take and return plain values (ints, strings, dicts, lists)."""
 
     def __init__(self, location: str | None = None, *, upgrade: bool = True, create: bool = True) -> None:
@@ -201,7 +199,9 @@ class Store:
         """Schema revision and row counts, for ``db status``."""
         with self.session(read=True) as s:
             counts = {model.__tablename__: s.scalar(select(func.count()).select_from(model))
-                      for model in (Dataset, Example, ModelVersion, Run, Score, Proposal, Verification)}
+                      for model in (Dataset, Example, ModelVersion, Run, Proposal, Verification)}
+            counts["scores"] = int(s.scalar(select(func.coalesce(func.sum(func.length(ScoreBlock.scores) / case(
+                (ScoreBlock.encoding == "<f4", 4), else_=8)), 0))))  # every score: the blocks' lengths
         return {"location": self.location, "url": self.url, "revision": self.revision(),
                 "head": head_revision(), "rows": counts}
 
@@ -419,67 +419,6 @@ class Store:
             return list(s.scalars(select(RunExample.example_id).where(
                 RunExample.run_id == run_id, RunExample.split == split).order_by(RunExample.position)))
 
-    def write_chunk(self, run_id: int, chunk_index: int, test_ids: Sequence[int], train_ids: Sequence[int],
-                    scores) -> float:
-        """Insert one chunk of scores (rows = test_ids, columns = train_ids) and its progress marker
-        in one transaction; returns the seconds spent. A chunk already stored is skipped.
-
-        Every score of a run passes through here, so on SQLite the rows go in as multi-row INSERTs fed by
-        C-level iterators (no Python loop per score), and the three foreign-key lookups per row are
-        replaced by one check that the ids are this run's examples (benchmarks/bench_store.py: ~4x).
-        """
-        started = time.perf_counter()
-        values = np.asarray(scores, dtype=np.float64)
-        if values.shape != (len(test_ids), len(train_ids)):
-            raise InfluenceStoreError(f"chunk {chunk_index} of run {run_id}: scores have shape {values.shape}, "
-                                      f"expected ({len(test_ids)}, {len(train_ids)})")
-        if not np.isfinite(values).all():
-            raise InfluenceStoreError(f"chunk {chunk_index} of run {run_id} has NaN or infinite scores, so none "
-                                      f"were stored; the inverse-HVP is unstable: increase damping")
-        self._check_chunk_ids(run_id, test_ids, train_ids)
-        columns = (np.repeat(np.asarray(test_ids, dtype=np.int64), len(train_ids)).tolist(),
-                   [int(j) for j in train_ids] * len(test_ids), values.ravel().tolist())
-        with self.engine.connect() as connection:
-            raw = connection.connection.driver_connection if self.is_sqlite else None
-            if raw is not None:
-                raw.execute("PRAGMA foreign_keys=OFF")  # ignored inside a transaction, hence before BEGIN
-            try:
-                with connection.begin():
-                    exists = connection.execute(select(RunChunk.chunk_index).where(
-                        RunChunk.run_id == run_id, RunChunk.chunk_index == chunk_index)).first()
-                    if exists is None:
-                        if raw is not None:
-                            _insert_scores_sqlite(raw, run_id, *columns)
-                        else:
-                            connection.execute(Score.__table__.insert(), [
-                                {"run_id": run_id, "test_example_id": t, "train_example_id": j, "score": v}
-                                for t, j, v in zip(*columns)])
-                        connection.execute(RunChunk.__table__.insert(), {
-                            "run_id": run_id, "chunk_index": chunk_index, "finished_utc": utcnow()})
-                        seconds = time.perf_counter() - started
-                        connection.execute(update(Run).where(Run.id == run_id).values(
-                            chunks_done=Run.chunks_done + 1, seconds_writing=Run.seconds_writing + seconds))
-            finally:
-                if raw is not None:
-                    raw.execute("PRAGMA foreign_keys=ON")
-        return time.perf_counter() - started
-
-    def _check_chunk_ids(self, run_id: int, test_ids: Sequence[int], train_ids: Sequence[int]) -> None:
-        """What the foreign keys would catch, and more: every id is one of this run's examples, once."""
-        if run_id not in self._run_example_ids:  # a run's examples never change: read them once
-            with self.reader.connect() as connection:
-                rows = connection.execute(select(RunExample.split, RunExample.example_id).where(
-                    RunExample.run_id == run_id)).all()
-            if not rows:
-                raise InfluenceStoreError(f"no run {run_id} with examples in {self.location!r}")
-            self._run_example_ids[run_id] = {split: {e for s, e in rows if s == split} for split in ("train", "test")}
-        known = self._run_example_ids[run_id]
-        for split, ids in (("test", test_ids), ("train", train_ids)):
-            unique = set(ids)
-            if len(unique) != len(ids) or not unique <= known[split]:
-                raise InfluenceStoreError(f"chunk of run {run_id}: {split} example ids repeat or are not the "
-                                          f"run's {split} examples")
-
     def write_self_influence(self, run_id: int, values: Sequence[float]) -> None:
         with self.engine.begin() as connection:
             connection.execute(update(RunExample).where(
@@ -513,45 +452,6 @@ class Store:
                 raise InfluenceStoreError(f"run {run.id} has no test example with key {key!r}; "
                                           f"test keys look like: {', '.join(sample)}")
             return found
-
-    def score_rows(self, run_id: int, test_example_id: int) -> list[tuple[int, float]]:
-        """(train example id, score) for one test example, all training examples."""
-        with self.reader.connect() as connection:
-            return [tuple(r) for r in connection.execute(select(Score.train_example_id, Score.score).where(
-                Score.run_id == run_id, Score.test_example_id == test_example_id))]
-
-    def top_scores(self, run_id: int, test_key: str, k: int) -> dict[str, list[dict]]:
-        """Most helpful (largest) and most harmful (most negative) training examples for one test example."""
-        test_id = self.test_example_id(run_id, test_key)
-        with self.reader.connect() as connection:
-            def fetch(order):
-                return connection.execute(select(Score.train_example_id, Score.score).where(
-                    Score.run_id == run_id, Score.test_example_id == test_id).order_by(order).limit(k)).all()
-            helpful, harmful = fetch(Score.score.desc()), fetch(Score.score.asc())
-        return self._with_examples(run_id, {name: [{"example_id": e, "score": score} for e, score in rows]
-                                            for name, rows in (("helpful", helpful), ("harmful", harmful))})
-
-    def aggregate_scores(self, run_id: int) -> list[dict]:
-        """Per training example, over the run's test set: sum, mean, min, max and how many test examples it hurts."""
-        with self.session(read=True) as s:
-            run = self._get_run(s, run_id)
-            rows = s.execute(select(Score.train_example_id, func.sum(Score.score), func.avg(Score.score),
-                                    func.min(Score.score), func.max(Score.score),
-                                    func.sum(case((Score.score < 0, 1), else_=0)))
-                             .where(Score.run_id == run.id).group_by(Score.train_example_id)).all()
-            n_train = run.n_train
-        return [{"example_id": r[0], "sum": r[1], "mean": r[2], "min": r[3], "max": r[4], "hurts": int(r[5]),
-                 "predicted_loss_change": r[2] / n_train} for r in rows]
-
-    def top_aggregate(self, run_id: int, k: int, by: str = "sum") -> dict[str, list[dict]]:
-        rows = self.aggregate_scores(run_id)
-        rows.sort(key=lambda r: r[by])
-        return self._with_examples(run_id, {"helpful": rows[::-1][:k], "harmful": rows[:k]})
-
-    def score_values(self, run_id: int, limit: int = 2_000_000) -> list[float]:
-        """Score values of a run (at most ``limit``, from the first test examples), for distributions."""
-        with self.reader.connect() as connection:
-            return list(connection.execute(select(Score.score).where(Score.run_id == run_id).limit(limit)).scalars())
 
     def run_examples(self, run_id: int, split: str) -> dict[int, dict]:
         """Example id -> {position, loss, self_influence} for one split of a run."""
@@ -749,23 +649,6 @@ class Store:
         return {name: [{**r, "key": examples[r["example_id"]]["key"], "label": examples[r["example_id"]]["label"],
                         **{k: info[r["example_id"]][k] for k in ("loss", "self_influence")}} for r in rows]
                 for name, rows in groups.items()}
-
-
-ROWS_PER_INSERT = 249  # 996 bound values: under the 999 that SQLite before 3.32 allows per statement
-
-
-def _insert_scores_sqlite(raw: sqlite3.Connection, run_id: int, test_col: list, train_col: list,
-                          score_col: list) -> None:
-    """Insert score rows with ``INSERT ... VALUES (..), (..), ...`` statements of ROWS_PER_INSERT rows:
-    a fraction of the per-row cost of one-row executemany, and every float is bound exactly."""
-    flat = chain.from_iterable(zip(repeat(run_id), test_col, train_col, score_col))
-    full, rest = divmod(len(score_col), ROWS_PER_INSERT)
-    sql = "INSERT INTO scores (run_id, test_example_id, train_example_id, score) VALUES "
-    if full:  # islice: zip must not swallow the rows of the last, shorter statement
-        head = islice(flat, 4 * ROWS_PER_INSERT * full)
-        raw.executemany(sql + ", ".join(["(?, ?, ?, ?)"] * ROWS_PER_INSERT), zip(*[head] * (4 * ROWS_PER_INSERT)))
-    if rest:
-        raw.execute(sql + ", ".join(["(?, ?, ?, ?)"] * rest), tuple(flat))
 
 
 def _run_dict(run: Run, s: Session | None = None) -> dict:

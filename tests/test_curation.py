@@ -21,6 +21,7 @@ from sklearn.metrics import roc_auc_score
 import influence_store as ist
 from influence_store.curation import ProposalRule, propose, review, verify
 from influence_store.store import Store
+import stored
 
 SPEC = "influence_store.examples.digits_noisy:task"
 
@@ -45,8 +46,7 @@ def scores_table(digits_template):
 
 
 def sql(store: Store, query: str, *params) -> list[tuple]:
-    with closing(sqlite3.connect(store.path)) as connection:
-        return connection.execute(query, params).fetchall()
+    return stored.sql(store.path, query, *params)
 
 
 def score_matrix(store: Store, run_id: int) -> tuple[np.ndarray, list[str]]:

@@ -25,6 +25,7 @@ from click.testing import CliRunner
 
 import influence_store.cli.commands  # noqa: F401  (attaches the built-in commands)
 from influence_store.cli.main import cli
+import stored
 from influence_store.examples import digits_noisy as digits
 
 N_TRAIN, N_TEST = 300, 100
@@ -82,8 +83,7 @@ def fails(db, *args, match: str) -> str:
 
 
 def sql(db, query, *params) -> list[tuple]:
-    with closing(sqlite3.connect(db)) as connection:
-        return connection.execute(query, params).fetchall()
+    return stored.sql(db, query, *params)
 
 
 def status_of(db) -> dict[int, str]:

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import sqlite3
+from contextlib import closing
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,8 @@ import influence_store.cli.commands  # noqa: F401  (attaches the built-in comman
 from influence_store.cli.main import cli
 from influence_store.scoring import SIGN_CONVENTION, compute_scores
 from influence_store.store import head_revision
+from stored import connect_with_scores
+from stored import sql as stored_sql
 
 TESTS = Path(__file__).parent
 
@@ -103,7 +106,7 @@ def snapshot(path):
 
 def score_matrix(path, run_id):
     """[n_test, n_train] by position, the number of rows, and the number of distinct (test, train) pairs."""
-    with sqlite3.connect(path) as connection:
+    with closing(connect_with_scores(path)) as connection:
         position = {(split, e): p for split, p, e in connection.execute(
             "SELECT split, position, example_id FROM run_examples WHERE run_id = ?", (run_id,))}
         rows = connection.execute("SELECT test_example_id, train_example_id, score FROM scores WHERE run_id = ?",
@@ -162,7 +165,7 @@ def test_same_command_again_reports_the_stored_run_and_a_changed_option_adds_one
 
     changed = ok_json(invoke(*base[:-1], "0.01", "--json"))
     assert changed["run_id"] != first["run_id"] and changed["outcome"] == "computed"
-    assert len(snapshot(db)["scores"]) == 2 * 30 * 120
+    assert len(stored_sql(db, "SELECT * FROM scores")) == 2 * 30 * 120
     assert [r["id"] for r in ok_json(invoke("--db", db, "runs", "list", "--json"))] == [first["run_id"],
                                                                                        changed["run_id"]]
 

@@ -3,6 +3,7 @@ re-runs, a changed setting gives a new run, an interrupted run resumes to exactl
 scores, and bad input is one clear line that leaves stored data untouched."""
 
 import sqlite3
+from contextlib import closing
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from influence_store.errors import InfluenceStoreError
 from influence_store.runs import execute_run, weights_sha256
 from influence_store.scoring import SIGN_CONVENTION, compute_scores
 from influence_store.store import Store, head_revision
+from stored import connect_with_scores
 from tasks import small_breast_cancer_task
 
 DAMPING = 1e-3
@@ -43,7 +45,7 @@ def run_exact(store, task, **changes):
 
 def stored_scores(path, run_id):
     """The run's scores as an [n_test, n_train] matrix and the row count, read with plain sqlite3."""
-    with sqlite3.connect(path) as connection:
+    with closing(connect_with_scores(path)) as connection:
         position = {(split, example): p for split, p, example in connection.execute(
             "SELECT split, position, example_id FROM run_examples WHERE run_id = ?", (run_id,))}
         rows = connection.execute(
@@ -92,7 +94,7 @@ def test_every_score_round_trips_bit_for_bit_with_provenance(task, reference, pa
     assert count == matrix.size == 30 * 120
     assert same_bits(matrix, reference[0])
     for _, test_ids, train_ids, scores in spy:  # and each chunk exactly as it was handed over
-        with sqlite3.connect(path) as connection:
+        with closing(connect_with_scores(path)) as connection:
             back = dict(((t, j), v) for t, j, v in connection.execute(
                 "SELECT test_example_id, train_example_id, score FROM scores WHERE run_id = ?", (result.run_id,)))
         assert same_bits([[back[t, j] for j in train_ids] for t in test_ids], scores)
@@ -152,13 +154,14 @@ def test_extreme_floats_round_trip_and_chunks_are_written_once(path):
 
 
 def test_negative_zero_is_stored_as_zero(path):
-    """SQLite keeps a REAL that equals an integer as that integer, so -0.0 reads back as 0.0: the one value
-    whose bits change (numerically equal)."""
+    """-0.0 reads back numerically equal as a SQL REAL (SQLite keeps a REAL that equals an integer as that
+    integer, so a row per score loses its sign); in its block it keeps even its sign bit."""
     store = Store(path)
     run_id, train_ids, test_ids = make_run(store, 2, 1)
     store.write_chunk(run_id, 0, test_ids, train_ids, np.array([[-0.0, 1.0]]))
     matrix, _ = stored_scores(path, run_id)
     assert matrix.tolist() == [[0.0, 1.0]]
+    assert np.signbit(store.score_matrix(run_id)[0, 0])
 
 
 @pytest.mark.parametrize("scores, test_slice, train_slice, fragment", [
