@@ -3,8 +3,11 @@
 Parameters are handled as one flat vector of size ``p`` (in the order of the tracked names). The
 model itself is never mutated: a detached copy of the tracked parameters (and of every other parameter
 and buffer, moved to the compute device and dtype) is passed through ``torch.func.functional_call``.
-Per-example gradients use ``vmap(grad(...))`` over batches sized by a memory budget; HVPs use double
-backward with ``is_grads_batched`` so many vectors share one graph.
+Per-example gradients use ``vmap(grad(...))`` over batches sized by a memory budget. HVPs use double
+backward with ``is_grads_batched`` (many vectors share one graph) over as many training examples and
+vectors at once as the budget allows; the dense Hessian is the same map applied to the identity in
+large blocks. Sizes come from ``plan.py``'s cost model: what one example's autograd
+graph holds is measured once (saved-tensor hooks), not guessed from the parameter count.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
 from .errors import InfluenceStoreError
+from .plan import default_budget_mb
 from .task import Task
 
 
@@ -38,7 +42,7 @@ class TrackedModel:
     """The task's model seen as a function of the flat vector of tracked parameters."""
 
     def __init__(self, task: Task, tracked: Sequence[str], device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, memory_budget_mb: float = 256.0, model_mode: str = "eval",
+                 dtype: torch.dtype | None = None, memory_budget_mb: float | None = None, model_mode: str = "eval",
                  seed: int = 0, verbose: bool = False) -> None:
         self.task = task
         self.device = torch.device(device)
@@ -54,7 +58,11 @@ class TrackedModel:
         self.sizes = [named[n].numel() for n in self.names]
         self.num_params = sum(self.sizes)
         self.l2 = float(task.l2)
-        self.memory_budget = int(memory_budget_mb * 2**20)
+        # None: a share of the memory the machine (or the GPU) has free; an explicit budget always wins.
+        self.memory_budget_mb = float(memory_budget_mb) if memory_budget_mb is not None else default_budget_mb(
+            self.device)
+        self.memory_budget = int(self.memory_budget_mb * 2**20)
+        self._activation_floats: int | None = None
         self._module = _LossModule(task.model, task.loss)
         # Every other tensor of the model, moved and cast once: the model object stays untouched.
         self._fixed = {f"model.{n}": self._cast(p.detach()) for n, p in task.model.named_parameters()
@@ -119,6 +127,37 @@ class TrackedModel:
         itemsize = torch.finfo(self.dtype).bits // 8
         return max(1, min(cap, self.memory_budget // max(1, 4 * per_item_floats * itemsize)))
 
+    @property
+    def itemsize(self) -> int:
+        return torch.finfo(self.dtype).bits // 8
+
+    def activation_floats(self) -> int:
+        """Floats one training example adds to an autograd graph (measured once, by saved-tensor hooks).
+
+        The difference between a 3-example and a 1-example forward pass, halved, so tensors that do not
+        grow with the batch (the parameters themselves) cancel out."""
+        if self._activation_floats is None:
+            n = len(self.task.train)
+            try:
+                small = self._saved_floats([0])
+                self._activation_floats = max(1, (self._saved_floats([0, 1, 2]) - small) // 2 if n >= 3 else small)
+            except Exception:  # the real pass reports real errors; here fall back to a rough guess
+                self._activation_floats = self.num_params // 8 + 64
+        return self._activation_floats
+
+    def _saved_floats(self, indices: list[int]) -> int:
+        total = 0
+
+        def pack(t: Tensor) -> Tensor:
+            nonlocal total
+            total += t.numel()
+            return t
+
+        flat = self.flat.detach().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self.eval_mode():
+            self._losses(flat, self.batch("train", indices)).sum()
+        return total
+
     def batch(self, split: str, indices: Sequence[int]) -> Any:
         return self._prepare(self.task.batch(split, indices))
 
@@ -152,10 +191,14 @@ class TrackedModel:
         """Yield (indices, per-example gradients [m, p]) in chunks that fit the memory budget."""
         n = len(getattr(self.task, split))
         indices = list(range(n)) if indices is None else list(indices)
-        step = self.chunk_size(self.num_params)
+        step = self.grad_chunk_size()
         for start in range(0, len(indices), step):
             idx = indices[start:start + step]
             yield idx, self.per_example_grads(split, idx)
+
+    def grad_chunk_size(self) -> int:
+        """Examples per per-example-gradient chunk: each holds its gradient and its own graph."""
+        return self.chunk_size(self.num_params + 2 * self.activation_floats())
 
     def per_example_grads(self, split: str, indices: Sequence[int]) -> Tensor:
         """Gradients of each example's loss, shape [len(indices), p], with gradients enabled whatever
@@ -252,16 +295,33 @@ class TrackedModel:
         Hessian over the training examples at ``indices`` (all of them when None)."""
         vectors = vectors.to(self.device, self.dtype)
         n = len(self.task.train)
-        indices = list(range(n)) if indices is None else [int(i) for i in indices]
-        step = self.chunk_size(self.num_params * (vectors.shape[0] + 2), cap=1024)
-        total = torch.zeros_like(vectors)
+        if indices is None:
+            indices = range(n)
+        else:
+            indices = indices.tolist() if isinstance(indices, Tensor) else [int(i) for i in indices]
+        rows, examples = self.hvp_chunks(len(vectors), len(indices))
+        pieces = []
         with self.eval_mode():
-            for start in range(0, len(indices), step):
-                idx = indices[start:start + step]
-                total += self._hvp_sum(vectors, self.batch("train", idx))
-        return total / len(indices) + self.l2 * vectors
+            for r in range(0, len(vectors), rows):
+                part = vectors[r:r + rows]
+                total = None
+                for start in range(0, len(indices), examples):
+                    hv = self._hvp_sum(part, self.batch("train", indices[start:start + examples]))
+                    total = hv if total is None else total.add_(hv)
+                pieces.append(total)
+        total = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return total.div_(len(indices)).add_(vectors, alpha=self.l2)
+
+    def hvp_chunks(self, num_vectors: int, num_examples: int) -> tuple[int, int]:
+        """(vectors, examples) per HVP piece: every vector in flight holds a few p-vectors, and every
+        (example, vector) pair the tangents of that example's graph."""
+        rows = self.chunk_size(4 * self.num_params + self.activation_floats(), cap=max(1, num_vectors))
+        examples = self.chunk_size(3 * rows * self.activation_floats(), cap=max(1, num_examples))
+        return rows, examples
 
     def _hvp_sum(self, vectors: Tensor, batch: Any) -> Tensor:
+        """Sum over the batch's examples of ``H_i v``: double backward, every vector through one graph.
+        (Deterministic by design: the same run twice gives the same bits.)"""
         flat = self.flat.detach().requires_grad_(True)
         loss = self._losses(flat, batch).sum()
         (g,) = torch.autograd.grad(loss, flat, create_graph=True, allow_unused=True)
@@ -276,12 +336,13 @@ class TrackedModel:
         return torch.zeros_like(vectors) if hv is None else hv.detach()
 
     def dense_hessian(self) -> Tensor:
-        """The full training Hessian (with ``l2 I``) as a [p, p] float64 matrix."""
+        """The full training Hessian (with ``l2 I``) as a [p, p] float64 matrix.
+
+        Built as the Hessian's rows along all identity columns at once, through one gradient graph per
+        example batch, over the whole training set in as few batches (and column blocks) as the
+        budget allows, not one HVP call per small block."""
         p = self.num_params
-        eye = torch.eye(p, device=self.device, dtype=self.dtype)
-        step = max(1, min(p, self.chunk_size(p * 4, cap=p)))
-        cols = [self.hvp(eye[s:s + step]) for s in range(0, p, step)]
-        h = torch.cat(cols).to(torch.float64)
+        h = self.hvp(torch.eye(p, device=self.device, dtype=self.dtype)).to(torch.float64)
         return (h + h.T) / 2
 
     def batch_stream(self, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:

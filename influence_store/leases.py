@@ -50,18 +50,26 @@ class BlockLeases:
             if exc[0] is None:
                 raise
 
-    def blocks(self) -> Iterator[int]:
-        """Claim blocks until none is left; while the rest are leased by others, wait for them to finish
-        (or for a lease to run out, then take that block over)."""
+    def blocks(self, grid=None) -> Iterator[list[int]]:
+        """Claim blocks until none is left, a group at a time: with ``grid`` (block -> the inclusive range
+        of blocks computed together with it), the first free block and then the other free blocks of its
+        range. While the rest are leased by others, wait for them to finish (or for a lease to run out,
+        then take that block over)."""
         while True:
             block, wait = self.store.claim_block(self.run_id, self.owner, self.lease_seconds)
-            if block is not None:
-                self.claimed.append(block)
-                yield block
-            elif wait is None:
-                return
-            else:
+            if block is None:
+                if wait is None:
+                    return
                 time.sleep(min(wait + 0.05, 1.0))
+                continue
+            claimed = [block]
+            while grid is not None and block >= 0:  # the rest of its group that is free right now
+                block, _ = self.store.claim_block(self.run_id, self.owner, self.lease_seconds, grid(claimed[0]))
+                if block is None:
+                    break
+                claimed.append(block)
+            self.claimed.extend(claimed)
+            yield claimed
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.lease_seconds / 3):

@@ -75,7 +75,7 @@ def check_request(test_chunk_size: int | None, memory_budget_mb: float, model_ve
 def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = None, approximator: str = "lissa",
                 options: dict | None = None, freeze: str = "all", freeze_options: dict | None = None,
                 model_version: str | None = None, dataset: str | None = None, device: str = "cpu", seed: int = 0,
-                dtype: str | None = None, memory_budget_mb: float = 256.0, test_chunk_size: int | None = None,
+                dtype: str | None = None, memory_budget_mb: float | None = None, test_chunk_size: int | None = None,
                 self_influence: bool = True, progress: bool = False, resume: int | None = None,
                 allow_removed: bool = False, model_mode: str = "eval", lease_seconds: float = DEFAULT_LEASE_SECONDS,
                 workers: int | None = None, scheduler: str | None = None, phases: Phases | None = None) -> RunResult:
@@ -233,17 +233,18 @@ def _compute_claimed_blocks(store: Store, run_id: int, computation, leases: Bloc
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="influence-store-writer") as writer:
         pending = None
-        for block in _progress(leases.blocks(), computation.progress, "blocks"):  # how many: up to the others
-            if block == SELF_INFLUENCE_BLOCK:
+        groups = leases.blocks(grid=computation.chunk_grid)
+        for group in _progress(groups, computation.progress, "block groups"):  # how many: up to the others
+            chunks = [block for block in group if block != SELF_INFLUENCE_BLOCK]
+            for chunk in computation.chunk_group(chunks) if chunks else []:
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(store_chunk, chunk)
+            if SELF_INFLUENCE_BLOCK in group:
                 values = computation.self_influence().tolist()
                 if pending is not None:
                     pending.result()
                 store.write_self_influence(run_id, values)  # the same values from whoever computes them
-                store.finish_block(run_id, block)
-                continue
-            chunk = computation.chunk(block)
-            if pending is not None:
-                pending.result()
-            pending = writer.submit(store_chunk, chunk)
+                store.finish_block(run_id, SELF_INFLUENCE_BLOCK)
         if pending is not None:
             pending.result()

@@ -1,4 +1,4 @@
-"""Scores: ``score(i, t) = g_t^T (H + ridge)^-1 g_i``, streamed one chunk of test examples at a time.
+"""Scores: ``score(i, t) = g_t^T (H + ridge)^-1 g_i``, one block of test examples at a time (see plan.py).
 
 Sign convention (AllenNLP's): a positive score means the training example helps the test example
 (removing it would raise the test loss); negative means it hurts. ``score / n_train`` is the
@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -21,8 +22,10 @@ from .errors import InfluenceStoreError
 from .freezing import tracked_parameters
 from .gradients import TrackedModel
 from .options import options_to_dict, parse_options
+from .plan import Plan, make_plan, stored_chunk_size
 from .task import Task
 
+LONG_RUN_WORK = 5e7  # parameters x examples above which a run with progress bars prints its plan first
 SIGN_CONVENTION = "score = g_test^T (H + ridge)^-1 g_train; positive = helpful, negative = harmful"
 
 
@@ -49,6 +52,7 @@ class ScoreComputation:
     test_losses: Tensor | None = None
     diagnostics: dict[str, Any] = field(default_factory=dict)
     _train_grads: Tensor | None = None
+    _plan: Plan | None = None
 
     @property
     def n_train(self) -> int:
@@ -62,57 +66,124 @@ class ScoreComputation:
         start = index * self.test_chunk_size
         return list(range(start, min(start + self.test_chunk_size, len(self.task.test))))
 
+    @property
+    def plan(self) -> Plan:
+        return self._plan
+
     def chunks(self, skip: Sequence[int] = ()) -> Iterator[ScoreChunk]:
         """Yield every test chunk not in ``skip``; chunk boundaries are fixed, so a resumed
-        computation produces exactly the chunks it had not finished."""
-        todo = [i for i in range(self.num_chunks) if i not in set(skip)]
-        for index in _progress(todo, self.progress, "test chunks"):
-            yield self.chunk(index)
+        computation produces exactly the chunks it had not finished.
 
-    def chunk(self, index: int) -> ScoreChunk:
-        """One test chunk's scores (the unit that processes sharing a run claim from the store)."""
+        The chunks still to do are grouped into test blocks of the plan's size: one inverse-HVP call
+        and one pass over the training set per block, then the block's chunks are yielded in order."""
+        skipped = set(skip)
+        todo = [i for i in range(self.num_chunks) if i not in skipped]
+        # A fixed grid of blocks (chunk_grid), so a resumed run computes the missing chunks of each block.
+        blocks: dict[tuple[int, int], list[int]] = {}
+        for index in todo:
+            blocks.setdefault(self.chunk_grid(index), []).append(index)
+        bar = _progress(None, self.progress, "test chunks", total=len(todo))
+        for block in blocks.values():
+            for chunk in self.chunk_group(block):
+                if bar is not None:
+                    bar.update(1)
+                yield chunk
+        if bar is not None:
+            bar.close()
+
+    def chunk_grid(self, index: int) -> tuple[int, int]:
+        """The inclusive range of chunks solved together with chunk ``index``: chunk 0 alone (stored early,
+        so a run soon has resumable progress), then blocks of ``chunks_per_block`` chunks."""
+        if index <= 0:
+            return (index, index)
+        per_block = self.chunks_per_block
+        first = 1 + (index - 1) // per_block * per_block
+        return (first, min(first + per_block, self.num_chunks) - 1)
+
+    @property
+    def chunks_per_block(self) -> int:
+        """How many stored chunks the plan solves together (one inverse-HVP call, one training pass)."""
+        return max(1, self.plan.test_block_size // self.test_chunk_size)
+
+    def chunk_group(self, indices: Sequence[int]) -> list[ScoreChunk]:
+        """Several chunks' scores from one inverse-HVP call and one pass over the training set (the unit
+        a process computes after claiming the chunks from the store)."""
         started = time.perf_counter()
-        test_indices = self.chunk_indices(index)
-        scores = self.scores_for(test_indices)
+        parts = [self.chunk_indices(index) for index in indices]
+        scores = self.scores_for([i for part in parts for i in part])
         self.diagnostics["seconds_scoring"] = self.diagnostics.get("seconds_scoring", 0.0) + (
             time.perf_counter() - started)
-        return ScoreChunk(index, test_indices, scores)
+        self.diagnostics["test_blocks_done"] = self.diagnostics.get("test_blocks_done", 0) + 1
+        return [ScoreChunk(index, part, rows)
+                for index, part, rows in zip(indices, parts, scores.split([len(part) for part in parts]))]
+
+    def chunk(self, index: int) -> ScoreChunk:
+        """One test chunk's scores."""
+        return self.chunk_group([index])[0]
 
     def scores_for(self, test_indices: Sequence[int]) -> Tensor:
-        """Scores [len(test_indices), n_train] as float64."""
-        g_test = self.model.per_example_grads("test", list(test_indices))  # enables gradients itself
+        """Scores [len(test_indices), n_train] as float64: the test gradients' inverse-HVPs in one call,
+        then one streamed pass over the training gradients."""
+        test_indices = list(test_indices)
+        if not test_indices:
+            return torch.zeros(0, self.n_train, dtype=torch.float64)
+        step = self.model.grad_chunk_size()
+        g_test = torch.cat([self.model.per_example_grads("test", test_indices[s:s + step])  # enables gradients itself
+                            for s in range(0, len(test_indices), step)])
         ihvp = self._inverse_hvp(g_test)
-        return torch.cat([_dot(ihvp, g) for _, g in self.train_grads()], dim=1)
+        del g_test
+        out = torch.empty(len(test_indices), self.n_train, dtype=torch.float64)
+        for idx, g in self.train_grads():
+            out[:, idx[0]:idx[-1] + 1] = _dot(ihvp, g)
+        return out
 
     def matrix(self) -> Tensor:
         """The full [n_test, n_train] score matrix."""
         return torch.cat([chunk.scores for chunk in self.chunks()])
 
     def self_influence(self) -> Tensor:
-        """``g_i^T (H + ridge)^-1 g_i`` for every training example, float64 [n_train]."""
-        # Stream the gradient chunks (never a list of them), and hand the approximator slices no larger
-        # than a test chunk's share: an inverse-HVP needs several times the memory of its input vectors.
-        chunks = math.ceil(self.n_train / self.model.chunk_size(self.model.num_params))
-        step = self.model.chunk_size(self.model.num_params * 6, cap=1024)
-        out = []
-        for _, g in _progress(self.train_grads(), self.progress, "self-influence", total=chunks):
-            out.extend(_dot_rows(self._inverse_hvp(piece), piece) for piece in g.split(step))
-        return torch.cat(out)
+        """``g_i^T (H + ridge)^-1 g_i`` for every training example, float64 [n_train].
+
+        The training gradients (cached, or streamed once) are gathered into blocks of the plan's size,
+        so an iterative approximator runs one batched solve per block, not one per gradient chunk."""
+        block = self.plan.self_influence_block
+        out, pending, rows = [], [], 0
+        bar = _progress(None, self.progress, "self-influence", total=self.n_train, unit="example")
+
+        def flush():
+            g = pending[0] if len(pending) == 1 else torch.cat(pending)
+            pending.clear()
+            for piece in g.split(block):
+                out.append(_dot_rows(self._inverse_hvp(piece), piece))
+                if bar is not None:
+                    bar.update(len(piece))
+
+        for _, g in self.train_grads():
+            pending.append(g)
+            rows += len(g)
+            if rows >= block:
+                flush()
+                rows = 0
+        if pending:
+            flush()
+        if bar is not None:
+            bar.close()
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
     def train_grads(self) -> Iterator[tuple[list[int], Tensor]]:
-        """Training gradients in chunks; kept in memory when they fit the budget."""
+        """Training gradients in chunks; kept in memory when the plan says they fit."""
         if self._train_grads is not None:
             yield list(range(self.n_train)), self._train_grads
             return
-        itemsize = torch.finfo(self.model.dtype).bits // 8
-        fits = self.n_train * self.model.num_params * itemsize <= self.model.memory_budget
+        keep = self.plan.train_grads_cached
         chunks = []
         for idx, g in self.model.grad_chunks("train"):
-            if fits:
+            if keep:
                 chunks.append(g)
             yield idx, g
-        if fits:
-            self._train_grads = torch.cat(chunks)
+        self.diagnostics["train_gradient_passes"] = self.diagnostics.get("train_gradient_passes", 0) + 1
+        if keep:
+            self._train_grads = torch.cat(chunks) if chunks else None
 
     def _inverse_hvp(self, vectors: Tensor) -> Tensor:
         result = self.approximator.inverse_hvp(vectors)
@@ -125,13 +196,14 @@ class ScoreComputation:
 
 def compute_scores(task: Task, approximator: str = "lissa", options: dict | None = None,
                    freeze: str = "all", freeze_options: dict | None = None, device: str = "cpu",
-                   seed: int = 0, dtype: str | torch.dtype | None = None, memory_budget_mb: float = 256.0,
+                   seed: int = 0, dtype: str | torch.dtype | None = None, memory_budget_mb: float | None = None,
                    test_chunk_size: int | None = None, progress: bool = False,
                    model_mode: str = "eval", approximator_state: bytes | None = None) -> ScoreComputation:
     """Prepare an influence computation: choose parameters, check losses, set up the approximator.
 
     Returns a ``ScoreComputation``: iterate ``.chunks()`` to stream scores, or call ``.matrix()`` and
-    ``.self_influence()``. Nothing is computed for a test chunk until it is asked for.
+    ``.self_influence()``. Nothing is computed for a test chunk until it is asked for. With no
+    ``memory_budget_mb`` the budget is a share of the available memory; ``.plan`` says how it is used.
     ``model_mode="train"`` takes training-example gradients in train mode (dropout on, as AllenNLP's
     SimpleInfluence does), from a generator seeded with ``seed``; test gradients and HVPs use eval mode.
     """
@@ -151,9 +223,8 @@ def compute_scores(task: Task, approximator: str = "lissa", options: dict | None
     if approximator_state is not None:  # what an earlier prepare() fitted for this run
         instance.load_state(approximator_state)
     instance.prepare()
-    # Per test example: a few p-vectors (gradient, inverse-HVP, recursion state) and its float64 score
-    # row over the training set (counted twice: the per-train-chunk pieces and their concatenation).
-    chunk = test_chunk_size or model.chunk_size(model.num_params * 6 + 4 * len(task.train), cap=1024)
+    chunk = stored_chunk_size(model, test_chunk_size)
+    plan = make_plan(model, instance, chunk, budget_given=memory_budget_mb is not None)
     settings = {
         "approximator": approximator,
         "options": options_to_dict(parsed),
@@ -170,12 +241,17 @@ def compute_scores(task: Task, approximator: str = "lissa", options: dict | None
         "effective_damping": instance.effective_damping,
         "sign_convention": SIGN_CONVENTION,
         "test_chunk_size": chunk,
+        "memory_budget_mb": plan.memory_budget_mb,
+        "plan": plan.to_dict(),
         "versions": library_versions(),
     }
     computation = ScoreComputation(task, model, instance, settings, chunk, progress=progress,
-                                   train_losses=train_losses, test_losses=test_losses)
+                                   train_losses=train_losses, test_losses=test_losses, _plan=plan)
     computation.diagnostics.update(approximator=instance.diagnostics, grad_notes=model.notes, grad_path=model.grad_path,
+                                   plan=plan.to_dict(),
                                    seconds_prepare=time.perf_counter() - started)
+    if progress and plan.num_params * (plan.n_train + plan.n_test) >= LONG_RUN_WORK:  # before a long run
+        print(plan.describe(), file=sys.stderr, flush=True)
     return computation
 
 
@@ -215,11 +291,11 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return table[dtype]
 
 
-def _progress(items, enabled: bool, desc: str, total: int | None = None):
+def _progress(items, enabled: bool, desc: str, total: int | None = None, unit: str = "chunk"):
     from .phases import bars_wanted
 
     if not bars_wanted(enabled):
         return items
     from tqdm import tqdm
 
-    return tqdm(items, desc=desc, unit="chunk", leave=False, total=total)
+    return tqdm(items, desc=desc, unit=unit, leave=False, total=total)

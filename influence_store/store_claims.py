@@ -35,14 +35,17 @@ class BlockClaimVerbs:
                 s.execute(insert, [
                     {"run_id": run_id, "block": b, "owner": None, "lease_expires": 0.0, "claims": 0} for b in new])
 
-    def claim_block(self, run_id: int, owner: str, lease_seconds: float) -> tuple[int | None, float | None]:
-        """Claim the next free block: ``(block, None)``; ``(None, seconds)`` when every unfinished block is
-        leased by others (the soonest lease ends in ``seconds``); ``(None, None)`` when all are finished."""
+    def claim_block(self, run_id: int, owner: str, lease_seconds: float,
+                    within: tuple[int, int] | None = None) -> tuple[int | None, float | None]:
+        """Claim the next free block (``within`` an inclusive range, if given): ``(block, None)``;
+        ``(None, seconds)`` when every unfinished block is leased by others (the soonest lease ends in
+        ``seconds``); ``(None, None)`` when all are finished."""
         now = time.time()
         unfinished = (RunClaim.run_id == run_id, RunClaim.finished_utc.is_(None), ~exists().where(
             RunChunk.run_id == RunClaim.run_id, RunChunk.chunk_index == RunClaim.block))
+        free = (RunClaim.lease_expires < now,) + (() if within is None else (RunClaim.block.between(*within),))
         with self.session() as s:
-            block = s.scalar(select(RunClaim.block).where(*unfinished, RunClaim.lease_expires < now)
+            block = s.scalar(select(RunClaim.block).where(*unfinished, *free)
                              .order_by(case((RunClaim.block < 0, 1), else_=0), RunClaim.block).limit(1)
                              .with_for_update(skip_locked=True))
             if block is not None:

@@ -31,6 +31,7 @@ class LiSSA(Approximator):
     """
 
     name = "lissa"
+    working_vectors = 6  # per vector in flight: v, the iterate, the HVP, the next iterate, the sum, slack
 
     @dataclass
     class Options:

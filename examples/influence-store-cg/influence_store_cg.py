@@ -41,6 +41,7 @@ class ConjugateGradient(Approximator):
     """
 
     name = "cg"
+    working_vectors = 14  # per vector in flight: b, x, r, p, A p in float64, and the HVP's own copies
 
     @dataclass
     class Options:

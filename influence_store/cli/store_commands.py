@@ -173,8 +173,9 @@ def db_backup(db, target):
               help="Random seed of stochastic approximators (LiSSA's sampling); part of the run's identity.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "float64"]),
               help="Compute dtype (default: the model's).")
-@click.option("--memory-budget-mb", default=256.0, show_default=True, type=float,
-              help="Memory for per-example gradients and cached training gradients.")
+@click.option("--memory-budget-mb", default=None, type=float,
+              help="Memory the computation may hold (default: a quarter of the available memory); "
+                   "the plan printed before the run shows how it is used.")
 @click.option("--test-chunk-size", default=None, type=int, help="Test examples per stored chunk.")
 @click.option("--no-self-influence", is_flag=True,
               help="Skip self-influence of training examples (it costs one inverse-HVP per training example).")
