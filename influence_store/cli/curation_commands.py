@@ -1,4 +1,4 @@
-"""Curation commands: propose, proposals, review, export, versions, compare, verify."""
+"""Curation commands: propose, proposals, export, versions, compare, verify (review: review_commands)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from .main import cli
 from .output import emit, output_options
 from .store_commands import db_option, open_store, pairs
 
-PROPOSAL_COLUMNS = ["id", "run_id", "rule", "rank", "key", "label", "status", "reviewer", "evidence"]
+PROPOSAL_COLUMNS = ["id", "run_id", "rule", "rank", "key", "label", "status", "reviewer", "evidence", "outcome",
+                    "new_label", "note"]
 
 
 def _evidence_line(evidence: dict) -> str:
@@ -77,30 +78,13 @@ def proposals_show(db, proposal_id, fmt):
     if fmt != "table":
         emit(proposal, fmt)
         return
-    for key in ("id", "run_id", "rule", "rank", "key", "label", "status", "reviewer", "note"):
+    for key in ("id", "run_id", "rule", "rank", "key", "label", "status", "outcome", "new_label", "reviewer", "note"):
         click.echo(f"{key:>10}: {proposal[key]}")
     click.echo(f"{'evidence':>10}: {_evidence_line(proposal['evidence'])}")
     for event in proposal["events"]:
-        click.echo(f"  {event['time_utc']}  {event['from'] or '-'} -> {event['to']}  by {event['actor']}"
+        relabel = f" (relabel to {event['new_label']!r})" if event.get("new_label") is not None else ""
+        click.echo(f"  {event['time_utc']}  {event['from'] or '-'} -> {event['to']}{relabel}  by {event['actor']}"
                    + (f": {event['note']}" if event["note"] else ""))
-
-
-@cli.command()
-@db_option
-@click.argument("action", type=click.Choice(["accept", "reject", "revert"]))
-@click.argument("ids", nargs=-1, type=int, required=True)
-@click.option("--note", default=None, help="Why (recorded with the decision).")
-@click.option("--by", "actor", default=None, help="Reviewer (default: the OS user).")
-@output_options
-def review(db, action, ids, note, actor, fmt):
-    """Accept, reject or revert (back to proposed) proposals; all or none change.
-
-    Example: influence-store review accept 3 4 7 --note "label is wrong"
-    """
-    from ..curation import review as decide
-
-    changed = decide(open_store(db), action, ids, note, actor)
-    emit(_proposal_rows(changed, fmt), fmt, PROPOSAL_COLUMNS)
 
 
 @cli.command()
@@ -124,7 +108,8 @@ def export(db, dataset, output, version, parent, force, note, actor, fmt):
     result = write(open_store(db), dataset, output, version, parent, force, actor, note)
     if fmt == "table":
         click.echo(f"wrote {result['kept']} examples to {result['output']} ({result['removed_now']} removed now, "
-                   f"{result['removed_before']} earlier; manifest {result['manifest']}); new version {version!r}")
+                   f"{result['removed_before']} earlier; {result['relabelled_now']} relabelled now, "
+                   f"{result['relabelled_before']} earlier; manifest {result['manifest']}); new version {version!r}")
         return
     emit(result, fmt)
 
@@ -182,7 +167,7 @@ def compare(db, old, new, old_run, new_run, top, fmt):
         return
     click.echo(f"{old} (run {result['old_run']}, {result['n_train_old']} train) -> {new} (run {result['new_run']}, "
                f"{result['n_train_new']} train); {result['n_common_train']} training examples in both")
-    click.echo(f"removals applied in {new}: {len(result['removed'])}")
+    click.echo(f"removals applied in {new}: {len(result['removed'])}; relabels: {len(result['relabelled'])}")
     click.echo(f"mean test loss: {result['test_loss_old']:.6g} -> {result['test_loss_new']:.6g} "
                f"(actual change {result['actual_loss_change']:+.6g}, predicted by {old}'s scores "
                f"{result['predicted_loss_change']:+.6g})")
@@ -210,5 +195,7 @@ def verify(db, run_id, proposal_ids, fmt):
     acc = ""
     if result["accuracy_before"] is not None:
         acc = f"; accuracy {result['accuracy_before']:.4f} -> {result['accuracy_after']:.4f}"
-    click.echo(f"removed {result['n_removed']}: test loss {result['loss_before']:.6g} -> {result['loss_after']:.6g} "
-               f"(actual {result['actual_loss_change']:+.6g}, predicted {result['predicted_loss_change']:+.6g}){acc}")
+    relabelled = f", relabelled {result['n_relabelled']}" if result["n_relabelled"] else ""
+    click.echo(f"removed {result['n_removed']}{relabelled}: test loss {result['loss_before']:.6g} -> {result['loss_after']:.6g} "
+               f"(actual {result['actual_loss_change']:+.6g}, predicted {result['predicted_loss_change']:+.6g}"
+               f"{' for the removals' if result['n_relabelled'] else ''}){acc}")
