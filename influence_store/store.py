@@ -696,18 +696,24 @@ class Store:
         found = self.examples(ids)
         return [found[i] for i in ids]
 
-    def most_affected_tests(self, run_id: int, train_example_id: int, k: int) -> dict[str, list[dict]]:
-        """The test examples one training example hurts most (most negative scores) and helps most."""
+    def most_hurt_tests(self, run_id: int, train_example_ids: Sequence[int], k: int) -> dict[int, list[dict]]:
+        """Per training example, the ``k`` test examples it hurts most (most negative scores), in one pass."""
+        ids = list(dict.fromkeys(int(i) for i in train_example_ids))
+        if not ids or k < 1:
+            return {i: [] for i in ids}
+        order = func.row_number().over(partition_by=Score.train_example_id, order_by=Score.score.asc())
+        ranked = (select(Score.train_example_id, Score.test_example_id, Score.score, order.label("n"))
+                  .where(Score.run_id == run_id, Score.train_example_id.in_(ids)).subquery())
         with self.reader.connect() as connection:
-            def fetch(order):
-                return connection.execute(select(Score.test_example_id, Score.score).where(
-                    Score.run_id == run_id, Score.train_example_id == train_example_id).order_by(order).limit(k)).all()
-            groups = {"hurts": fetch(Score.score.asc()), "helps": fetch(Score.score.desc())}
+            rows = connection.execute(select(ranked.c.train_example_id, ranked.c.test_example_id, ranked.c.score)
+                                      .where(ranked.c.n <= k).order_by(ranked.c.train_example_id, ranked.c.n)).all()
         tests = self.run_examples(run_id, "test")
-        examples = self.examples(e for rows in groups.values() for e, _ in rows)
-        return {name: [{"example_id": e, "score": score, "key": examples[e]["key"], "label": examples[e]["label"],
-                        "loss": tests[e]["loss"] if e in tests else None} for e, score in rows]
-                for name, rows in groups.items()}
+        examples = self.examples(r[1] for r in rows)
+        out: dict[int, list[dict]] = {i: [] for i in ids}
+        for train_id, test_id, score in rows:
+            out[train_id].append({"example_id": test_id, "score": score, "key": examples[test_id]["key"],
+                                  "label": examples[test_id]["label"], "loss": tests.get(test_id, {}).get("loss")})
+        return out
 
     def apply_removals(self, ids: Sequence[int], version: str, parent: str | None, dataset: str, actor: str,
                        note: str | None) -> dict:

@@ -62,15 +62,23 @@ def create_app(store, reviewer: str | None = None, use_task: bool = False, host:
             abort(403, "missing or wrong form token; reload the page and try again")
         return None
 
-    def view(proposal: dict, examples: dict, tests: int = 3) -> dict:
-        run = run_of(proposal["run_id"])
-        example = examples[proposal["example_id"]]
-        info = store.run_examples(run["id"], "train").get(proposal["example_id"], {})
-        affected = store.most_affected_tests(run["id"], proposal["example_id"], tests) if tests else {"hurts": []}
-        test_examples = store.examples(t["example_id"] for t in affected["hurts"])
-        hurts = [{**t, "rendering": renderer.render(test_examples[t["example_id"]], run)} for t in affected["hurts"]]
-        return {**proposal, "rendering": renderer.render(example, run), "run": run, "hurts": hurts,
-                "train_loss": info.get("loss"), "self_influence": info.get("self_influence")}
+    def views(proposals: list[dict], tests: int = 3) -> list[dict]:
+        """Each proposal with its rendered example, its run, its numbers and the test examples it hurts most."""
+        examples = store.examples(p["example_id"] for p in proposals)
+        out = []
+        for run_id in dict.fromkeys(p["run_id"] for p in proposals):
+            run, mine = run_of(run_id), [p for p in proposals if p["run_id"] == run_id]
+            info = store.run_examples(run_id, "train")
+            hurts = store.most_hurt_tests(run_id, [p["example_id"] for p in mine], tests)
+            test_examples = store.examples(t["example_id"] for rows in hurts.values() for t in rows)
+            for p in mine:
+                out.append({**p, "rendering": renderer.render(examples[p["example_id"]], run), "run": run,
+                            "train_loss": info.get(p["example_id"], {}).get("loss"),
+                            "self_influence": info.get(p["example_id"], {}).get("self_influence"),
+                            "hurts": [{**t, "rendering": renderer.render(test_examples[t["example_id"]], run)}
+                                      for t in hurts[p["example_id"]]]})
+        order = {p["id"]: i for i, p in enumerate(proposals)}
+        return sorted(out, key=lambda v: order[v["id"]])
 
     @app.get("/")
     def queue():
@@ -81,10 +89,9 @@ def create_app(store, reviewer: str | None = None, use_task: bool = False, host:
         page = max(1, args.get("page", 1, type=int))
         found = store.proposals(status=status if status in STATUSES else None, rule=rule, run_id=run_id)
         shown = found[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]
-        examples = store.examples(p["example_id"] for p in shown)
         every = store.proposals()
         return render_template(
-            "queue.html", proposals=[view(p, examples) for p in shown], total=len(found), page=page,
+            "queue.html", proposals=views(shown), total=len(found), page=page,
             pages=max(1, -(-len(found) // PAGE_SIZE)), status=status, run_id=run_id, rule=rule,
             statuses=STATUSES, runs=sorted({p["run_id"] for p in every}), rules=sorted({p["rule"] for p in every}))
 
@@ -94,8 +101,7 @@ def create_app(store, reviewer: str | None = None, use_task: bool = False, host:
         if not found:
             abort(404, f"no proposal {proposal_id}")
         proposal = found[0]
-        examples = store.examples([proposal["example_id"]])
-        shown = view(proposal, examples, tests=6)
+        shown = views([proposal], tests=8)[0]
         same_key = store.examples_by_key(shown["key"], proposal["dataset"])
         history = store.example_history([e["id"] for e in same_key])
         others = [p for p in store.proposals(dataset=proposal["dataset"]) if p["key"] == proposal["key"]]
