@@ -53,6 +53,7 @@ def create_app(store, reviewer: str | None = None, use_task: bool = False, host:
 
     @app.before_request
     def protect_posts():
+        request.host  # noqa: B018  (checks Host against TRUSTED_HOSTS: a foreign one is a 400 before anything runs)
         if request.method != "POST":
             return None
         origin = request.headers.get("Origin")
@@ -148,13 +149,17 @@ def _local(target: str | None) -> str | None:
 def serve(store, host: str = "127.0.0.1", port: int = 8765, reviewer: str | None = None, use_task: bool = False,
           ready=None) -> None:
     """Serve the review page until interrupted; ``ready(server)`` is called once it listens."""
+    import socket
+
     from werkzeug.serving import make_server
 
-    try:
-        server = make_server(host, port, create_app(store, reviewer, use_task, host), threaded=True)
+    try:  # werkzeug itself would print and exit: probe first, so the error is ours and one line
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        socket.create_server((host, port), family=family).close()
     except OSError as exc:
         raise InfluenceStoreError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another port") \
             from None
+    server = make_server(host, port, create_app(store, reviewer, use_task, host), threaded=True)
     if ready is not None:
         ready(server)
     try:
