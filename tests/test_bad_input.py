@@ -1,4 +1,4 @@
-"""Issue 2's bad input: each case is one clear line from the Python API and from `influence-store run`
+"""Bad input: each case is one clear line from the Python API and from `influence-store run`
 (exit code 1, no traceback), naming what is wrong and what would be valid."""
 
 import textwrap

@@ -1,4 +1,4 @@
-"""Issue 4 through the Python API, on the bundled noisy digits (sklearn digits, 10% of the 1200
+"""The curation loop through the Python API, on the bundled noisy digits (sklearn digits, 10% of the 1200
 training labels flipped with a fixed seed, L2 softmax regression, exact inverse Hessian).
 
 The references are independent of the influence code: the flipped labels themselves (recorded in

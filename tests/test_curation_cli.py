@@ -1,4 +1,4 @@
-"""Issue 4 through the CLI: the full curation loop, example identity across model versions,
+"""Curation through the CLI: the full curation loop, example identity across model versions,
 decisions that stick (a rejected proposal is never exported, an applied removal never silently
 comes back), and bad input (one line, exit code 1, nothing lost).
 

@@ -436,22 +436,20 @@ def test_tracing_prints_hook_calls_on_stderr(fresh_plugins):
     assert quiet.stderr == ""
 
 
-# ---------- the README example and meta-tests ----------
+# ---------- the plugin guide's example and meta-tests ----------
 
 def writing_plugins_section() -> str:
-    readme = (ROOT / "README.md").read_text()
-    match = re.search(r"^## Writing plugins\n(.*?)(?=^## |\Z)", readme, re.S | re.M)
-    assert match, "README.md needs a '## Writing plugins' section"
-    return match.group(1)
+    """The plugin guide, docs/plugins.md: every hook, the interfaces, a complete example."""
+    return (ROOT / "docs" / "plugins.md").read_text()
 
 
-def readme_python_blocks() -> list[str]:
-    """The python blocks of 'Writing plugins': the single-file plugin, then its test module."""
+def guide_python_blocks() -> list[str]:
+    """The python blocks of the plugin guide: the single-file plugin, then its test module."""
     return re.findall(r"```python\n(.*?)```", writing_plugins_section(), re.S)
 
 
 def linreg_closed_form(n: int, l2: float, damping: float) -> torch.Tensor:
-    """Scores of the README's linreg:N task in closed form: g = (x.w - y) x, H = X^T X / n + l2 I."""
+    """Scores of the plugin guide's linreg:N task in closed form: g = (x.w - y) x, H = X^T X / n + l2 I."""
     task = ist.load_task(f"linreg:{n}", {"l2": l2})
     (x, y), (x_test, y_test) = task.train.tensors, task.test.tensors
     w = task.model.weight.detach().reshape(-1)
@@ -460,11 +458,11 @@ def linreg_closed_form(n: int, l2: float, damping: float) -> torch.Tensor:
     return test_grads @ torch.linalg.solve(hessian, grads.T)
 
 
-def test_readme_example_plugin_works(tmp_path, fresh_plugins):
-    """The first python block of 'Writing plugins' is a complete single-file plugin: every hook of it works."""
+def test_guide_example_plugin_works(tmp_path, fresh_plugins):
+    """The first python block of the plugin guide is a complete single-file plugin: every hook of it works."""
     folder = tmp_path / "plugins"
     folder.mkdir()
-    (folder / "my_plugins.py").write_text(readme_python_blocks()[0])
+    (folder / "my_plugins.py").write_text(guide_python_blocks()[0])
     plugins = json.loads(invoke("--plugins-dir", str(folder), "plugins", "--json").output)
     (row,) = [row for row in plugins if row["name"] == "plugins_dir.my_plugins"]
     assert row["hooks"] == sorted(HOOKS)
@@ -499,9 +497,9 @@ def test_readme_example_plugin_works(tmp_path, fresh_plugins):
 
 
 @pytest.mark.slow
-def test_readme_plugin_test_module_passes(tmp_path):
+def test_guide_plugin_test_module_passes(tmp_path):
     """The second python block is a pytest module for the first: run it as a plugin author would."""
-    plugin, test_module = readme_python_blocks()[:2]
+    plugin, test_module = guide_python_blocks()[:2]
     (tmp_path / "my_plugins.py").write_text(plugin)
     (tmp_path / "test_my_plugins.py").write_text(test_module)
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_my_plugins.py"],
@@ -523,8 +521,8 @@ def test_every_hook_has_a_test():
     assert set(HOOKS) - mentioned == set()
 
 
-def test_every_hook_signature_is_in_the_readme():
+def test_every_hook_signature_is_in_the_plugin_guide():
     section = writing_plugins_section()
     for hook in HOOKS:
         signature = f"{hook}{inspect.signature(getattr(hookspecs, hook))}"
-        assert f"`{signature}`" in section, f"README 'Writing plugins' lacks the signature {signature}"
+        assert f"`{signature}`" in section, f"docs/plugins.md lacks the signature {signature}"
