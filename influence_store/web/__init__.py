@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from ..errors import InfluenceStoreError
 
-PAGE_SIZE = 20
+PAGE_SIZE = 50
 STATUSES = ("proposed", "accepted", "rejected", "applied")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
