@@ -128,8 +128,9 @@ def parse_label(value: Any, like: Any) -> Any:
         if isinstance(like, float):
             return float(text)
     except ValueError:
-        raise InfluenceStoreError(f"new label {value!r} is not a {type(like).__name__} like the current label "
-                                  f"{like!r}; give a label of the same kind") from None
+        kind = type(like).__name__
+        raise InfluenceStoreError(f"new label {value!r} is not {'an' if kind[0] in 'aeiou' else 'a'} {kind} like the "
+                                  f"current label {like!r}; give a label of the same kind") from None
     try:
         return json.loads(text)
     except ValueError:

@@ -154,7 +154,7 @@ def test_proposals_csv_round_trips_through_review_import(digits_store, tmp_path)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["review", "relabel", "1", "--label", "seven"], "not a int like the current label"),
+    (["review", "relabel", "1", "--label", "seven"], "is not an int like the current label"),
     (["review", "relabel", "99", "--label", "3"], "no proposal 99"),
     (["review", "import", "missing.csv"], "does not exist"),
 ])
