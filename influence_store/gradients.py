@@ -38,7 +38,8 @@ class TrackedModel:
     """The task's model seen as a function of the flat vector of tracked parameters."""
 
     def __init__(self, task: Task, tracked: Sequence[str], device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, memory_budget_mb: float = 256.0) -> None:
+                 dtype: torch.dtype | None = None, memory_budget_mb: float = 256.0, model_mode: str = "eval",
+                 seed: int = 0, verbose: bool = False) -> None:
         self.task = task
         self.device = torch.device(device)
         named = dict(task.model.named_parameters())
@@ -60,7 +61,13 @@ class TrackedModel:
                        if n not in set(self.names)}
         self._fixed.update({f"model.{n}": self._cast(b) for n, b in task.model.named_buffers()})
         self.flat = torch.cat([self._cast(named[n].detach()).reshape(-1) for n in self.names])
+        if model_mode not in ("eval", "train"):
+            raise InfluenceStoreError(f"unknown model mode {model_mode!r}; use eval or train")
+        self.mode = model_mode  # the mode of training-example gradients (test gradients and HVPs: eval)
+        self.seed = int(seed)
+        self.verbose = verbose
         self.grad_strategy = "vmap"
+        self.grad_path: dict[str, str] = {"path": "vmap", "why": "torch.func traces the model"}
         self.notes: list[str] = []
 
     # ---------- plumbing ----------
@@ -83,10 +90,27 @@ class TrackedModel:
     @contextlib.contextmanager
     def eval_mode(self) -> Iterator[None]:
         """Eval mode for the duration (dropout off), restoring the user's mode afterwards."""
-        was_training = self.task.model.training
-        self.task.model.eval()
-        try:
+        with self.model_mode("eval"):
             yield
+
+    @contextlib.contextmanager
+    def model_mode(self, mode: str = "eval", seed: int = 0) -> Iterator[None]:
+        """The model in ``mode`` for the duration, restoring the user's mode afterwards.
+
+        ``"train"`` (dropout on) draws its random numbers from a private generator seeded with the run's
+        seed and ``seed``, so the same call gives the same gradients in every run, and the caller's global
+        random state is left as it was.
+        """
+        was_training = self.task.model.training
+        self.task.model.train(mode == "train")
+        try:
+            if mode == "train":
+                devices = [self.device] if self.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(self.seed * 1_000_003 + seed)
+                    yield
+            else:
+                yield
         finally:
             self.task.model.train(was_training)
 
@@ -134,17 +158,51 @@ class TrackedModel:
             yield idx, self.per_example_grads(split, idx)
 
     def per_example_grads(self, split: str, indices: Sequence[int]) -> Tensor:
-        """Gradients of each example's loss, shape [len(indices), p]; vmap, else a loop (recorded)."""
+        """Gradients of each example's loss, shape [len(indices), p], with gradients enabled whatever
+        the caller's grad mode. Paths, fastest first: ``vmap(grad)``; per-sample hooks on the layers
+        (one batched forward and backward) when vmap cannot trace the model; one backward per example
+        as the last resort. The path taken and why is in ``grad_path`` and ``notes``."""
+        indices = list(indices)
         batch = self.batch(split, indices)
-        with self.eval_mode():
+        mode = self.mode if split == "train" else "eval"
+        with torch.enable_grad(), self.model_mode(mode, seed=indices[0] if indices else 0):
             if self.grad_strategy == "vmap":
                 try:
                     return self._vmap_grads(batch)
-                except Exception as exc:  # vmap cannot trace every model (e.g. .item(), in-place state)
-                    self.grad_strategy = "loop"
-                    self.notes.append(f"vmap per-example gradients unavailable ({type(exc).__name__}: "
-                                      f"{str(exc).splitlines()[0][:160]}); used a per-example loop")
+                except Exception as exc:  # vmap cannot trace every model (.item(), boolean masks, branches)
+                    self._choose_fallback(exc)
+            if self.grad_strategy.startswith("hooks"):
+                try:
+                    grads = self._hook_grads(batch, len(indices))
+                    if self.grad_strategy == "hooks?":
+                        self._check_hooks(grads, split, indices, mode)
+                    if self.grad_strategy == "hooks":
+                        return grads
+                except Exception as exc:  # noqa: BLE001 - a layer used in a way the rules do not cover
+                    self._set_path("loop", f"per-sample hooks failed ({_first_line(exc)})")
             return torch.stack([self._single_grad(self.batch(split, [i])) for i in indices])
+
+    def _choose_fallback(self, exc: Exception) -> None:
+        from .per_sample import Unsupported, plan
+
+        why = f"vmap cannot trace the model ({_first_line(exc)})"
+        try:
+            self._hook_plan = plan(self.task.model, self.names)
+        except Unsupported as reason:
+            self._set_path("loop", f"{why}; per-sample hooks do not apply: {reason}")
+            return
+        self.grad_strategy = "hooks?"  # confirmed against autograd on its first batch
+        self.grad_path.update(path="hooks", why=why)  # the same dict the run's diagnostics hold
+
+    def _set_path(self, path: str, why: str) -> None:
+        self.grad_strategy = path
+        self.grad_path.update(path=path, why=why)
+        word = {"loop": "used a per-example loop", "hooks": "used per-sample hooks on the layers"}[path]
+        self.notes.append(f"{why}; {word}")
+        if self.verbose:
+            import sys
+
+            print(f"per-example gradients: {why}; {word}", file=sys.stderr)
 
     def _vmap_grads(self, batch: Any) -> Tensor:
         def loss_of_one(flat: Tensor, example: Any) -> Tensor:
@@ -152,12 +210,40 @@ class TrackedModel:
             return self._losses(flat, one).sum()
 
         in_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) and t.dim() > 0 else None, batch)
-        return vmap(grad(loss_of_one), in_dims=(None, in_dims))(self.flat, batch).detach()
+        return vmap(grad(loss_of_one), in_dims=(None, in_dims), randomness="different")(self.flat, batch).detach()
+
+    def _hook_grads(self, batch: Any, m: int) -> Tensor:
+        from .per_sample import Capture, per_sample_grads
+
+        capture = Capture(self.task.model, self._hook_plan)
+        flat = self.flat.detach().requires_grad_(True)  # so every layer output is part of a graph
+        with capture.active():
+            losses = self._losses(flat, batch)
+        if not isinstance(losses, Tensor) or losses.shape != (m,):
+            raise InfluenceStoreError("the loss does not return one value per example")
+        return per_sample_grads(capture, self._hook_plan, losses, self.names).detach()
+
+    def _check_hooks(self, grads: Tensor, split: str, indices: list[int], mode: str) -> None:
+        """Trust the hooks only if they agree with autograd on the first examples (batch norm, say, would
+        not). Checked in eval mode: in train mode a batch and an example draw different dropout masks."""
+        if mode != "eval":
+            with self.model_mode("eval"):
+                grads = self._hook_grads(self.batch(split, indices), len(indices))
+        for row, i in list(enumerate(indices))[:2]:
+            with self.model_mode("eval"):
+                expected = self._single_grad(self.batch(split, [i]))
+            error = float((grads[row] - expected).norm()) / max(float(expected.norm()), 1e-30)
+            if error > 1e-4:
+                self._set_path("loop", f"{self.grad_path['why']}; per-sample hooks disagreed with autograd "
+                                       f"(relative error {error:.1e}: examples interact within a batch)")
+                return
+        self._set_path("hooks", self.grad_path["why"])
 
     def _single_grad(self, batch: Any) -> Tensor:
         flat = self.flat.detach().requires_grad_(True)
-        loss = self._losses(flat, batch).sum()
-        (g,) = torch.autograd.grad(loss, flat, allow_unused=True)
+        with torch.enable_grad():
+            loss = self._losses(flat, batch).sum()
+            (g,) = torch.autograd.grad(loss, flat, allow_unused=True)
         return torch.zeros_like(flat) if g is None else g.detach()
 
     # ---------- curvature ----------
@@ -208,3 +294,8 @@ class TrackedModel:
 
     def num_batches(self, batch_size: int) -> int:
         return math.ceil(len(self.task.train) / batch_size)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160] if text else ''}"

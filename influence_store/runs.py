@@ -66,7 +66,7 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
                 model_version: str | None = None, dataset: str | None = None, device: str = "cpu", seed: int = 0,
                 dtype: str | None = None, memory_budget_mb: float = 256.0, test_chunk_size: int | None = None,
                 self_influence: bool = True, progress: bool = False, resume: int | None = None,
-                allow_removed: bool = False) -> RunResult:
+                allow_removed: bool = False, model_mode: str = "eval") -> RunResult:
     """Compute a task's scores into the store (or report/resume the run that already has them)."""
     from .freezing import tracked_parameters
     from .options import options_to_dict, parse_options
@@ -88,8 +88,12 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
         test_chunk_size = asked.get("test_chunk_size", previous["settings"]["test_chunk_size"])
         memory_budget_mb = asked.get("memory_budget_mb", memory_budget_mb)
         self_influence = asked.get("self_influence", self_influence)
+        model_mode = asked.get("model_mode", "eval")
         model_version, dataset = previous["model_version"], previous["train_dataset"]
+    if model_mode not in ("eval", "train"):
+        raise InfluenceStoreError(f"unknown model mode {model_mode!r}; use eval or train")
     task = spec if isinstance(spec, Task) else load_task(spec, task_options)
+    seconds_load = time.perf_counter() - started
     spec_text = _portable_spec(spec) if isinstance(spec, str) else f"<python object {task.name or 'Task'}>"
     dataset = dataset or task.name or "dataset"
     train_rows, test_rows = example_rows(task, "train"), example_rows(task, "test")
@@ -106,13 +110,15 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
                 f"{len(back)} training examples of model version {model_version!r} were removed by applied proposals "
                 f"(e.g. {back[0]!r}, proposal {removed[next(k for k in removed if k[0] == back[0])]['id']}); train on "
                 f"the exported data, or pass --allow-removed to score them anyway")
+    # Stored with the run, so --resume can rebuild the identity.
     requested = {"dtype": dtype, "test_chunk_size": test_chunk_size, "memory_budget_mb": memory_budget_mb,
-                 "self_influence": self_influence}  # stored with the run, so --resume can rebuild the identity
+                 "self_influence": self_influence, "model_mode": model_mode}
     identity = {
         "weights": weights, "model_version": model_version, "approximator": approximator, "options": parsed,
         "freeze": freeze, "freeze_options": freeze_options or {}, "tracked": tracked, "seed": seed,
         "device": str(device), "dtype": str(dtype), "l2": task.l2, "memory_budget_mb": memory_budget_mb,
         "test_chunk_size": test_chunk_size, "self_influence": self_influence, "dataset": dataset,
+        **({"model_mode": model_mode} if model_mode != "eval" else {}),  # eval runs keep their old identity
         "train": hashlib.sha256(json.dumps([r[:2] for r in train_rows]).encode()).hexdigest(),
         "test": hashlib.sha256(json.dumps([r[:2] for r in test_rows]).encode()).hexdigest(),
     }
@@ -127,7 +133,7 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
     computation = compute_scores(task, approximator, options, freeze, freeze_options, device=device, seed=seed,
                                  dtype=dtype, memory_budget_mb=memory_budget_mb,
                                  test_chunk_size=existing["settings"]["test_chunk_size"] if existing else test_chunk_size,
-                                 progress=progress)
+                                 progress=progress, model_mode=model_mode)
     if existing is None:
         run_id = store.create_run(
             version_name=model_version, weights_sha256=weights, train_dataset=dataset,
@@ -165,5 +171,7 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
         store.fail_run(run_id, reason, time.perf_counter() - started)
         raise
     seconds = time.perf_counter() - started
+    # Loading the task (importing a framework, reading data) is reported apart from computing its scores.
+    computation.diagnostics.update(seconds_load=seconds_load, seconds_compute=seconds - seconds_load)
     store.finish_run(run_id, seconds, computation.diagnostics)
     return RunResult(run_id, "done", outcome, seconds)

@@ -76,8 +76,7 @@ class ScoreComputation:
 
     def scores_for(self, test_indices: Sequence[int]) -> Tensor:
         """Scores [len(test_indices), n_train] as float64."""
-        with torch.no_grad():
-            g_test = self.model.per_example_grads("test", list(test_indices))
+        g_test = self.model.per_example_grads("test", list(test_indices))  # enables gradients itself
         ihvp = self._inverse_hvp(g_test)
         return torch.cat([_dot(ihvp, g) for _, g in self.train_grads()], dim=1)
 
@@ -123,11 +122,14 @@ class ScoreComputation:
 def compute_scores(task: Task, approximator: str = "lissa", options: dict | None = None,
                    freeze: str = "all", freeze_options: dict | None = None, device: str = "cpu",
                    seed: int = 0, dtype: str | torch.dtype | None = None, memory_budget_mb: float = 256.0,
-                   test_chunk_size: int | None = None, progress: bool = False) -> ScoreComputation:
+                   test_chunk_size: int | None = None, progress: bool = False,
+                   model_mode: str = "eval") -> ScoreComputation:
     """Prepare an influence computation: choose parameters, check losses, set up the approximator.
 
     Returns a ``ScoreComputation``: iterate ``.chunks()`` to stream scores, or call ``.matrix()`` and
     ``.self_influence()``. Nothing is computed for a test chunk until it is asked for.
+    ``model_mode="train"`` takes training-example gradients in train mode (dropout on, as AllenNLP's
+    SimpleInfluence does), from a generator seeded with ``seed``; test gradients and HVPs use eval mode.
     """
     from .plugin_manager import lookup
 
@@ -137,7 +139,8 @@ def compute_scores(task: Task, approximator: str = "lissa", options: dict | None
     device = _check_device(device)
     torch_dtype = _dtype(dtype)
     names = tracked_parameters(task.model, freeze, freeze_options)
-    model = TrackedModel(task, names, device=device, dtype=torch_dtype, memory_budget_mb=memory_budget_mb)
+    model = TrackedModel(task, names, device=device, dtype=torch_dtype, memory_budget_mb=memory_budget_mb,
+                         model_mode=model_mode, seed=seed, verbose=progress)
     train_losses = model.losses("train")
     test_losses = model.losses("test")
     instance = entry.cls(parsed, model, seed=seed)
@@ -154,6 +157,7 @@ def compute_scores(task: Task, approximator: str = "lissa", options: dict | None
         "num_params": model.num_params,
         "tracked_fingerprint": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16],
         "seed": seed,
+        "model_mode": model_mode,
         "device": str(device),
         "dtype": str(model.dtype).replace("torch.", ""),
         "l2": model.l2,
@@ -164,7 +168,7 @@ def compute_scores(task: Task, approximator: str = "lissa", options: dict | None
     }
     computation = ScoreComputation(task, model, instance, settings, chunk, progress=progress,
                                    train_losses=train_losses, test_losses=test_losses)
-    computation.diagnostics.update(approximator=instance.diagnostics, grad_notes=model.notes,
+    computation.diagnostics.update(approximator=instance.diagnostics, grad_notes=model.notes, grad_path=model.grad_path,
                                    seconds_prepare=time.perf_counter() - started)
     return computation
 

@@ -205,16 +205,18 @@ def tensor_dict(instances: list) -> dict:
 class ModelLoss:
     """``loss(model, batch)``: ``output_dict["loss"]`` of each instance as a batch of one, shape [m].
 
-    One instance is one forward pass. Several are one vmap-ed forward pass over single-instance
-    batches, which is as fast as AllenNLP's batched pass and keeps per-example values; a model
-    that vmap cannot trace (``.item()``, data-dependent branches) falls back to one pass each.
+    Paths, fastest first: one vmap-ed forward over single-instance batches; else (a model vmap cannot
+    trace, such as the CNN and LSTM encoders) one ordinary forward over the whole batch with the model's
+    mean-reducing loss modules switched to ``reduction="none"``, trusted once it matched the
+    instance-by-instance losses of a first batch; else one forward per instance. ``path`` says which.
     """
 
     def __init__(self) -> None:
         self.vmap_works = True
+        self.batched_works: bool | None = None  # None: not tried yet
+        self.path = "vmap"
 
     def __call__(self, model: Any, batch: dict) -> Any:
-        import torch
         from torch.func import vmap
         from torch.utils._pytree import tree_map
 
@@ -224,13 +226,60 @@ class ModelLoss:
                 return model_loss(model, batch).reshape(1)
             if self.vmap_works:
                 try:
-                    return vmap(lambda one: model_loss(model, tree_map(lambda t: t.unsqueeze(0), one)))(batch)
+                    return vmap(lambda one: model_loss(model, tree_map(lambda t: t.unsqueeze(0), one)),
+                                randomness="different")(batch)
                 except InfluenceStoreError:
                     raise
-                except Exception:  # noqa: BLE001 - any tracing failure means: run instances one by one
+                except Exception:  # noqa: BLE001 - any tracing failure: try the batched forward
                     self.vmap_works = False
-            return torch.stack([model_loss(model, tree_map(lambda t: t[i:i + 1], batch)).reshape(())
-                                for i in range(size)])
+            if self.batched_works is None:
+                self.batched_works = _batched_agrees(model, batch, size)
+                self.path = "batched" if self.batched_works else "per-instance"
+            losses = batched_losses(model, batch, size) if self.batched_works else None
+            return losses if losses is not None else per_instance_losses(model, batch, size)
+
+
+def per_instance_losses(model: Any, batch: dict, size: int) -> Any:
+    """One forward per instance: what any model supports."""
+    import torch
+    from torch.utils._pytree import tree_map
+
+    return torch.stack([model_loss(model, tree_map(lambda t: t[i:i + 1], batch)).reshape(()) for i in range(size)])
+
+
+def _batched_agrees(model: Any, batch: dict, size: int) -> bool:
+    """Whether the batched forward gives each instance's own loss here (checked in eval mode, no dropout)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            losses = batched_losses(model, batch, size)
+            return losses is not None and bool(torch.allclose(losses, per_instance_losses(model, batch, size),
+                                                              rtol=1e-4, atol=1e-6))
+    finally:
+        model.train(was_training)
+
+
+def batched_losses(model: Any, batch: dict, size: int) -> Any:
+    """Per-instance losses from one forward: the model's ``torch.nn`` loss modules that average over the
+    batch (``reduction="mean"``) return one value per instance for the duration; None when that does not
+    give a [size] loss (the loss is computed another way)."""
+    import torch
+
+    switched = [m for m in model.modules() if isinstance(m, torch.nn.modules.loss._Loss) and m.reduction == "mean"]
+    if not switched:
+        return None
+    for module in switched:
+        module.reduction = "none"
+    try:
+        output = model(**batch)
+    finally:
+        for module in switched:
+            module.reduction = "mean"
+    loss = output.get("loss") if isinstance(output, dict) else None
+    return loss if loss is not None and tuple(loss.shape) == (size,) else None
 
 
 def model_loss(model: Any, batch: dict) -> Any:

@@ -39,7 +39,8 @@ class LiSSA(Approximator):
         num_samples: int = option(1, "independent recursions averaged together")
         scale: float | str = option(1e4, "divides the Hessian; must exceed its top eigenvalue, or 'auto'")
         depth_fraction: float | None = option(
-            None, "steps = max(1, ceil(fraction * ceil(n / batch_size))); 0.25 unless scale=auto")
+            None, "steps = int(fraction * ceil(n / batch_size)), AllenNLP's float recursion_depth (at least 1); "
+            "0.25 unless scale=auto")
         depth_iters: int | None = option(None, "steps as an absolute number (overrides depth_fraction)")
         tol: float = option(1e-2, "scale=auto without depth: stop when successive window means change less than this")
         max_iters: int = option(20000, "scale=auto without depth: the most steps per sample")
@@ -81,13 +82,22 @@ class LiSSA(Approximator):
         return self.options.damping * scale if not isinstance(scale, str) else float("nan")
 
     def _steps(self) -> int | None:
+        """AllenNLP's count for a float ``recursion_depth``: ``int(batches per epoch * fraction)``, so the
+        defaults run exactly SimpleInfluence's steps; where that is 0 (AllenNLP would run none), 1 step."""
         o = self.options
         if o.depth_iters is not None:
             return o.depth_iters
         if o.depth_fraction is None and o.scale == "auto":
             return None
         fraction = DEFAULT_DEPTH_FRACTION if o.depth_fraction is None else o.depth_fraction
-        return max(1, math.ceil(fraction * self.model.num_batches(o.batch_size)))
+        batches = self.model.num_batches(o.batch_size)
+        steps = int(batches * fraction)
+        if steps < 1:
+            self.diagnostics["depth_note"] = (
+                f"int({batches} batches x {fraction:g}) = 0 steps (AllenNLP would run none and return the "
+                f"unchanged vectors / scale); ran 1 step")
+            return 1
+        return steps
 
     def _top_eigenvalue(self, iterations: int = 50) -> float:
         """Power iteration on the full training Hessian; stops once the estimate settles."""

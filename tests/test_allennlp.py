@@ -85,15 +85,28 @@ def write_data(path, n, seed, noise=0.1, labels=True):
     return str(path)
 
 
-def train_archive(directory, train_path, embedding_dim=6, epochs=15):
+ENCODERS = {  # AllenNLP's own seq2vec encoders, sized for a few seconds of training
+    "bag": lambda dim: {"type": "bag_of_embeddings", "embedding_dim": dim, "averaged": True},
+    "cnn": lambda dim: {"type": "cnn", "embedding_dim": dim, "num_filters": 3, "ngram_filter_sizes": [1, 2]},
+    "lstm": lambda dim: {"type": "lstm", "input_size": dim, "hidden_size": 4},
+}
+
+
+def train_archive(directory, train_path, embedding_dim=6, epochs=15, encoder="bag", dropout=None,
+                  reader="influence_store_test_jsonl"):
     """Train a BasicClassifier with `allennlp train`'s own code path; returns its model.tar.gz."""
+    model = {"type": "basic_classifier",
+             "text_field_embedder": {"token_embedders": {"tokens": {"type": "embedding",
+                                                                    "embedding_dim": embedding_dim}}},
+             "seq2vec_encoder": ENCODERS[encoder](embedding_dim)}
+    if dropout is not None:
+        model["dropout"] = dropout
     config = {
-        "dataset_reader": {"type": "influence_store_test_jsonl", "tokenizer": {"type": "whitespace"}},
+        # Every sentence has >= 2 tokens: the CNN's widest filter always sees a real token.
+        "dataset_reader": {"type": reader, "tokenizer": {"type": "whitespace"},
+                           "token_indexers": {"tokens": {"type": "single_id", "token_min_padding_length": 2}}},
         "train_data_path": str(train_path),
-        "model": {"type": "basic_classifier",
-                  "text_field_embedder": {"token_embedders": {"tokens": {"type": "embedding",
-                                                                         "embedding_dim": embedding_dim}}},
-                  "seq2vec_encoder": {"type": "bag_of_embeddings", "embedding_dim": embedding_dim, "averaged": True}},
+        "model": model,
         "data_loader": {"batch_size": 16, "shuffle": True},
         "trainer": {"optimizer": {"type": "adam", "lr": 0.05}, "num_epochs": epochs, "cuda_device": -1},
         "random_seed": 1, "numpy_seed": 1, "pytorch_seed": 1,

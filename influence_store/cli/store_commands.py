@@ -118,7 +118,11 @@ def db_backup(db, target):
 @click.option("--memory-budget-mb", default=256.0, show_default=True, type=float,
               help="Memory for per-example gradients and cached training gradients.")
 @click.option("--test-chunk-size", default=None, type=int, help="Test examples per stored chunk.")
-@click.option("--no-self-influence", is_flag=True, help="Skip self-influence of training examples.")
+@click.option("--no-self-influence", is_flag=True,
+              help="Skip self-influence of training examples (it costs one inverse-HVP per training example).")
+@click.option("--model-mode", default="eval", show_default=True, type=click.Choice(["eval", "train"]),
+              help="Mode for training-example gradients: train keeps dropout on, as AllenNLP's SimpleInfluence "
+                   "(seeded by --seed, so runs repeat).")
 @click.option("--resume", "resume", type=int, default=None, metavar="RUN",
               help="Resume an interrupted run with its stored settings (TASK_SPEC is then ignored; pass '-').")
 @click.option("--allow-removed", is_flag=True,
@@ -126,8 +130,8 @@ def db_backup(db, target):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def run(db, task_spec, approximator, options, freeze, freeze_options, task_options, train_data, test_data,
-        model_version, dataset, device, seed, dtype, memory_budget_mb, test_chunk_size, no_self_influence, resume,
-        allow_removed, quiet, as_json):
+        model_version, dataset, device, seed, dtype, memory_budget_mb, test_chunk_size, no_self_influence,
+        model_mode, resume, allow_removed, quiet, as_json):
     """Compute every influence score of TASK_SPEC and store it.
 
     TASK_SPEC is FILE.py:FUNCTION, MODULE:FUNCTION, or LOADER:TARGET (e.g. allennlp:model.tar.gz).
@@ -148,7 +152,7 @@ def run(db, task_spec, approximator, options, freeze, freeze_options, task_optio
                          model_version=model_version, dataset=dataset, device=device, seed=seed, dtype=dtype,
                          memory_budget_mb=memory_budget_mb, test_chunk_size=test_chunk_size,
                          self_influence=not no_self_influence, progress=not quiet and not as_json, resume=resume,
-                         allow_removed=allow_removed)
+                         allow_removed=allow_removed, model_mode=model_mode)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
