@@ -74,6 +74,11 @@ def accuracy(model, batch):
     return (model(x).argmax(1) == y).double()
 
 
+def render(example):
+    """The 8x8 digit as an image (the curator sees what the label claims)."""
+    return np.asarray(example["pixels"]).reshape(8, 8)
+
+
 def read_jsonl(path):
     import json
 
@@ -97,6 +102,7 @@ def task(train_data: str | None = None) -> ist.Task:
         fit=fit,
         label=lambda e: e["label"],
         accuracy=accuracy,
+        render=render,
         name="digits-noisy",
     )
 

@@ -1,7 +1,9 @@
 """Curation: stored scores -> removal proposals (rule plugins) -> review -> export -> compare/verify.
 
 Every decision is recorded in the store with who made it, when and why. Removals are proposed
-only for training examples, and an applied removal is final: it cannot quietly come back.
+only for training examples, and an applied removal is final: it cannot quietly come back. A proposal
+can also be accepted as a relabel (a corrected label instead of a removal): export then writes the
+example with its new label, and verify retrains with it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ REVIEW_TRANSITIONS = {
     "accept": {"proposed": "accepted", "rejected": "accepted"},
     "reject": {"proposed": "rejected", "accepted": "rejected"},
     "revert": {"accepted": "proposed", "rejected": "proposed"},
+    "relabel": {"proposed": "accepted", "rejected": "accepted", "accepted": "accepted"},
 }
 
 
@@ -71,15 +74,68 @@ def propose(store: Store, run_id: int, rule: str = "harmful", top: int = 50, opt
     return store.proposals(ids=ids)
 
 
-def review(store: Store, action: str, ids: Sequence[int], note: str | None = None, actor: str | None = None) -> list[dict]:
-    """accept, reject or revert proposals (all or none), recording reviewer, time and note."""
+def review(store: Store, action: str, ids: Sequence[int], note: str | None = None, actor: str | None = None,
+           new_label: Any = None) -> list[dict]:
+    """accept, reject, revert or relabel proposals (all or none), recording reviewer, time and note.
+    ``relabel`` needs ``new_label`` (text is read as the type of the example's current label)."""
     if action not in REVIEW_TRANSITIONS:
         raise InfluenceStoreError(f"unknown review action {action!r}; use one of {', '.join(REVIEW_TRANSITIONS)}")
     if not ids:
         raise InfluenceStoreError("give at least one proposal id")
     ids = list(dict.fromkeys(ids))  # `review accept 3 3` is one decision, not a second transition that fails
-    store.transition(ids, REVIEW_TRANSITIONS[action], actor or current_user(), note)
+    decisions = [(pid, action, new_label, note) for pid in ids]
+    apply_decisions(store, decisions, actor)
     return store.proposals(ids=ids)
+
+
+def apply_decisions(store: Store, decisions: Sequence[tuple[int, str, Any, str | None]],
+                    actor: str | None = None) -> list[dict]:
+    """(proposal id, action, new label, note) decisions, checked and then stored all or none."""
+    known = {p["id"]: p for p in store.proposals(ids=[d[0] for d in decisions])}
+    rows = []
+    for pid, action, new_label, note in decisions:
+        if action not in REVIEW_TRANSITIONS:
+            raise InfluenceStoreError(f"unknown review action {action!r} for proposal {pid}; use one of "
+                                      f"{', '.join(REVIEW_TRANSITIONS)}")
+        if pid not in known:
+            raise InfluenceStoreError(f"no proposal {pid}; see `influence-store proposals list`")
+        if action == "relabel":
+            if new_label is None or new_label == "":
+                raise InfluenceStoreError(f"relabelling proposal {pid} needs the new label")
+            new_label = parse_label(new_label, known[pid]["label"])
+            if new_label == known[pid]["label"]:
+                raise InfluenceStoreError(f"proposal {pid}: the new label {new_label!r} is the example's label "
+                                          f"already; accept or reject it instead")
+        elif new_label not in (None, ""):
+            raise InfluenceStoreError(f"proposal {pid}: a new label goes with relabel, not {action}")
+        else:
+            new_label = None
+        rows.append((pid, REVIEW_TRANSITIONS[action], note, new_label))
+    return store.decide(rows, actor or current_user())
+
+
+def parse_label(value: Any, like: Any) -> Any:
+    """A label given as text, read as the type of the example's current label (int, float, bool, text)."""
+    if not isinstance(value, str) or like is None or isinstance(like, str):
+        return value
+    text = value.strip()
+    try:
+        if isinstance(like, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1")
+        if isinstance(like, int):
+            return int(text)
+        if isinstance(like, float):
+            return float(text)
+    except ValueError:
+        kind = type(like).__name__
+        raise InfluenceStoreError(f"new label {value!r} is not {'an' if kind[0] in 'aeiou' else 'a'} {kind} like the "
+                                  f"current label {like!r}; give a label of the same kind") from None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def export(store: Store, dataset: str, output: str, version: str, parent: str | None = None, force: bool = False,
@@ -98,25 +154,32 @@ def export(store: Store, dataset: str, output: str, version: str, parent: str | 
     store.version(parent)
     if any(v["name"] == version for v in store.versions()):
         raise InfluenceStoreError(f"model version {version!r} already exists; name the new version with --version")
+    from .task import with_label
+
     accepted = store.proposals(status="accepted", dataset=dataset)
     applied = store.proposals(status="applied", dataset=dataset)
-    removed_ids = {p["example_id"] for p in accepted + applied}
+    removed_ids = {p["example_id"] for p in accepted + applied if p["outcome"] == "remove"}
+    new_labels = {p["example_id"]: p["new_label"] for p in accepted + applied if p["outcome"] == "relabel"}
     train = store.run_examples(run["id"], "train")
     examples = store.examples(train)
-    kept = [examples[e] for e in train if e not in removed_ids]
-    removals = [{"proposal_id": p["id"], "key": p["key"], "label": p["label"], "rule": p["rule"],
-                 "evidence": p["evidence"], "reviewer": p["reviewer"], "note": p["note"],
-                 "status": "applied" if p["status"] == "accepted" else "applied earlier",
-                 "payload": examples[p["example_id"]]["payload"] if p["example_id"] in examples else None}
-                for p in accepted + applied]
+    kept = [with_label(examples[e]["payload"], new_labels[e]) if e in new_labels else examples[e]["payload"]
+            for e in train if e not in removed_ids]
+    entries = {"remove": [], "relabel": []}
+    for p in accepted + applied:
+        entries[p["outcome"]].append({
+            "proposal_id": p["id"], "key": p["key"], "label": p["label"], "rule": p["rule"],
+            **({"new_label": p["new_label"]} if p["outcome"] == "relabel" else {}),
+            "evidence": p["evidence"], "reviewer": p["reviewer"], "note": p["note"],
+            "status": "applied" if p["status"] == "accepted" else "applied earlier",
+            "payload": examples[p["example_id"]]["payload"] if p["example_id"] in examples else None})
     # Both files are written aside first and appear only once the new version is committed: an export
     # that loses a race (or fails) leaves no data file or manifest for a version that does not exist.
     staged = []
     try:
-        staged.append(write_temp_beside(out, "".join(json.dumps(e["payload"]) + "\n" for e in kept)))
+        staged.append(write_temp_beside(out, "".join(json.dumps(payload) + "\n" for payload in kept)))
         staged.append(write_temp_beside(manifest, json.dumps({
             "dataset": dataset, "version": version, "parent": parent, "source_run": run["id"], "kept": len(kept),
-            "removed": removals}, indent=2)))
+            "removed": entries["remove"], "relabelled": entries["relabel"]}, indent=2)))
         store.apply_removals([p["id"] for p in accepted], version, parent, dataset, actor or current_user(), note)
     except BaseException:
         for tmp in staged:
@@ -124,8 +187,11 @@ def export(store: Store, dataset: str, output: str, version: str, parent: str | 
         raise
     os.replace(staged[0], out)
     os.replace(staged[1], manifest)
+    now = sum(p["outcome"] == "relabel" for p in accepted)
+    before = sum(p["outcome"] == "relabel" for p in applied)
     return {"output": str(out), "manifest": str(manifest), "version": version, "parent": parent,
-            "kept": len(kept), "removed_now": len(accepted), "removed_before": len(applied)}
+            "kept": len(kept), "removed_now": len(accepted) - now, "removed_before": len(applied) - before,
+            "relabelled_now": now, "relabelled_before": before}
 
 
 def compare(store: Store, old: str, new: str, old_run: int | None = None, new_run: int | None = None,
@@ -154,7 +220,10 @@ def compare(store: Store, old: str, new: str, old_run: int | None = None, new_ru
         raise InfluenceStoreError(f"runs {a['id']} and {b['id']} share no test examples; compare runs on the same test set")
     loss_a = sum(test_a[e]["loss"] for e in common_test) / len(common_test)
     loss_b = sum(test_b[e]["loss"] for e in common_test) / len(common_test)
-    removed = store.proposals(status="applied", applied_version=new)
+    applied = store.proposals(status="applied", applied_version=new)
+    removed = [p for p in applied if p["outcome"] == "remove"]
+    relabelled = [p for p in applied if p["outcome"] == "relabel"]
+    # influence of a removal is in the stored scores; a relabel's (a new example's gradient) is not
     predicted = sum(agg_a[p["example_id"]]["predicted_loss_change"] for p in removed if p["example_id"] in agg_a)
     examples = store.examples(movers)
     return {
@@ -164,6 +233,8 @@ def compare(store: Store, old: str, new: str, old_run: int | None = None, new_ru
         "removed": [{"proposal_id": p["id"], "key": p["key"], "rule": p["rule"],
                      "predicted_loss_change": agg_a.get(p["example_id"], {}).get("predicted_loss_change")}
                     for p in removed],
+        "relabelled": [{"proposal_id": p["id"], "key": p["key"], "rule": p["rule"], "label": p["label"],
+                        "new_label": p["new_label"]} for p in relabelled],
         "settings_differ": differ, "predicted_loss_change": predicted, "test_loss_old": loss_a, "test_loss_new": loss_b,
         "actual_loss_change": loss_b - loss_a,
         "movers": [{"key": examples[e]["key"], "score_old": agg_a[e]["mean"], "score_new": agg_b[e]["mean"],
@@ -262,21 +333,25 @@ def verify(store: Store, run_id: int, proposal_ids: Sequence[int] | None = None,
     ids = store.example_ids(run["id"], "train")
     stored = {r[0]: r for r in example_rows(task, "train")}
     examples = store.examples(ids)
-    removed_keys = {p["key"] for p in chosen}
+    removed_keys = {p["key"] for p in chosen if p.get("outcome") != "relabel"}
+    new_labels = {p["key"]: p["new_label"] for p in chosen if p.get("outcome") == "relabel"}
     train = list(task.train)
     task_keys = task.keys("train")
     if [examples[e]["key"] for e in ids] != task_keys or any(
             stored[k][1] != examples[e]["content_hash"] for k, e in zip(task_keys, ids)):
         raise InfluenceStoreError(f"the task's training data differ from what run {run_id} scored; verify with the "
                                   f"same data")
-    kept = [x for x, k in zip(train, task_keys) if k not in removed_keys]
+    kept = [task.relabelled(x, new_labels[k]) if k in new_labels else x
+            for x, k in zip(train, task_keys) if k not in removed_keys]
     with phases.step(f"retraining on {len(train)} and on {len(kept)} training examples"):
         before, after = task.fit(train), task.fit(kept)
     loss_before, acc_before = evaluate(task, before)
     loss_after, acc_after = evaluate(task, after)
     agg = {r["example_id"]: r for r in store.aggregate_scores(run["id"])}
-    predicted = sum(agg[p["example_id"]]["predicted_loss_change"] for p in chosen)
-    values = dict(run_id=run["id"], proposal_ids_json=[p["id"] for p in chosen], n_removed=len(chosen),
+    # predicted: removals only (a relabel's effect needs the new example's gradient, which is not stored)
+    predicted = sum(agg[p["example_id"]]["predicted_loss_change"] for p in chosen if p["key"] in removed_keys)
+    values = dict(run_id=run["id"], proposal_ids_json=[p["id"] for p in chosen],
+                  n_removed=len(chosen) - len(new_labels), n_relabelled=len(new_labels),
                   predicted_loss_change=predicted, actual_loss_change=loss_after - loss_before,
                   loss_before=loss_before, loss_after=loss_after, accuracy_before=acc_before,
                   accuracy_after=acc_after, seconds=time.perf_counter() - started, actor=actor or current_user())

@@ -17,7 +17,7 @@ from .store import Store
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;
-text-align:left}th{background:#f3f3f3}.neg{color:#b00}.pos{color:#070}img{max-width:100%}code{background:#f5f5f5}"""
+text-align:left}th{background:#f3f3f3}.neg{color:#b00}.pos{color:#070}img{max-width:100%}img.example{width:48px;height:48px;image-rendering:pixelated}code{background:#f5f5f5}"""
 
 
 def build_report(store: Store, run_id: int, top: int = 10, per_test: int = 5) -> str:
@@ -54,9 +54,12 @@ def build_report(store: Store, run_id: int, top: int = 10, per_test: int = 5) ->
         parts.append("<h2>Self-influence against training loss</h2><p>Training loss is the baseline: examples high "
                      "on self-influence but not on loss are what influence adds.</p>"
                      + _img(_scatter(self_influence, status)))
+    pictures = _pictures(store, run, proposals)
     parts.append("<h2>Removal proposals</h2>" + _table(
-        [{**p, "evidence": ", ".join(f"{k}={_fmt(v)}" for k, v in p["evidence"].items())} for p in proposals],
-        ["id", "rule", "rank", "key", "label", "status", "reviewer", "note", "evidence"], "proposals"))
+        [{**p, "picture": pictures.get(p["example_id"], ""), "new_label": p.get("new_label"),
+          "evidence": ", ".join(f"{k}={_fmt(v)}" for k, v in p["evidence"].items())} for p in proposals],
+        ["id", "picture", "rule", "rank", "key", "label", "status", "new_label", "reviewer", "note", "evidence"],
+        "proposals"))
     if verifications:
         parts.append("<h2>Verification: predicted vs actual change of the mean test loss</h2>" + _table(
             verifications, ["id", "n_removed", "predicted_loss_change", "actual_loss_change", "loss_before",
@@ -90,6 +93,22 @@ def _provenance(run: dict) -> str:
                                for k, v in rows) + "</table>"
 
 
+def _pictures(store: Store, run: dict, proposals: list[dict]) -> dict[int, str]:
+    """Example id -> the example as its stored payload renders (an <img>, or short text), escaped HTML."""
+    from .render import StoredRenderer
+
+    renderer = StoredRenderer()
+    out = {}
+    for example_id, example in store.examples(p["example_id"] for p in proposals).items():
+        rendering = renderer.render(example, run)
+        if rendering.png is not None:
+            out[example_id] = (f"<img class='example' alt='example {html.escape(example['key'])}' "
+                               f"src='{rendering.data_uri()}'>")
+        elif rendering.text:
+            out[example_id] = html.escape(rendering.text[:200])
+    return out
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -106,7 +125,8 @@ def _table(rows: list[dict], columns: list[str], table_id: str | None = None) ->
             cls = ""
             if isinstance(value, float) and c in ("score", "sum", "mean"):
                 cls = " class='neg'" if value < 0 else " class='pos'"
-            cells.append(f"<td{cls}>{html.escape(_fmt(value) if value is not None else '')}</td>")
+            text = value if c == "picture" else html.escape(_fmt(value) if value is not None else "")  # built escaped
+            cells.append(f"<td{cls}>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     ident = f" id='{table_id}'" if table_id else ""
     return f"<table{ident}><tr>{head}</tr>{''.join(body)}</table>"

@@ -226,6 +226,7 @@ class Proposal(Base):
     reviewer: Mapped[str | None] = mapped_column(String(200))
     note: Mapped[str | None] = mapped_column(Text)
     applied_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    new_label_json: Mapped[str | None] = mapped_column(Text)  # set: accepted as a relabel, not a removal
     created_utc: Mapped[str] = mapped_column(String(40), default=utcnow)
     updated_utc: Mapped[str] = mapped_column(String(40), default=utcnow)
 
@@ -239,6 +240,7 @@ class ProposalEvent(Base):
     proposal_id: Mapped[int] = mapped_column(ForeignKey("proposals.id"), index=True)
     from_status: Mapped[str | None] = mapped_column(String(20))
     to_status: Mapped[str] = mapped_column(String(20))
+    new_label_json: Mapped[str | None] = mapped_column(Text)  # the label a relabel decision gave
     actor: Mapped[str] = mapped_column(String(200))
     note: Mapped[str | None] = mapped_column(Text)
     created_utc: Mapped[str] = mapped_column(String(40), default=utcnow)
@@ -253,6 +255,7 @@ class Verification(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
     proposal_ids_json: Mapped[str] = mapped_column(Text)
     n_removed: Mapped[int] = mapped_column(Integer)
+    n_relabelled: Mapped[int] = mapped_column(Integer, server_default="0")
     predicted_loss_change: Mapped[float] = mapped_column(Float)
     actual_loss_change: Mapped[float] = mapped_column(Float)
     loss_before: Mapped[float] = mapped_column(Float)

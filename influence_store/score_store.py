@@ -118,6 +118,29 @@ class ScoreStore:
         return self._with_examples(run_id, {side: [{"example_id": train_ids[p], "score": float(rows[0][p])}
                                                    for p in ranked[side]] for side in score_layout.SIDES})
 
+    def most_hurt_tests(self, run_id: int, train_example_ids: Sequence[int], k: int) -> dict[int, list[dict]]:
+        """Per training example, the ``k`` test examples it hurts most (most negative scores), ties to the
+        earlier test position; one read of the run's score blocks."""
+        ids = list(dict.fromkeys(int(i) for i in train_example_ids))
+        if not ids or k < 1:
+            return {i: [] for i in ids}
+        train_position = {e: i for i, e in enumerate(self.example_ids(run_id, "train"))}
+        test_ids = self.example_ids(run_id, "test")
+        matrix = self.score_matrix(run_id)
+        tests = self.run_examples(run_id, "test")
+        out: dict[int, list[dict]] = {}
+        for train_id in ids:
+            column = matrix[:, train_position[train_id]] if train_id in train_position else np.empty(0)
+            stored = np.flatnonzero(~np.isnan(column))
+            order = stored[np.argsort(column[stored], kind="stable")][:k]
+            out[train_id] = [{"example_id": test_ids[p], "score": float(column[p])} for p in order]
+        examples = self.examples({row["example_id"] for rows in out.values() for row in rows})
+        for rows in out.values():
+            for row in rows:
+                example = examples[row["example_id"]]
+                row.update(key=example["key"], label=example["label"], loss=tests.get(row["example_id"], {}).get("loss"))
+        return out
+
     def aggregate_scores(self, run_id: int) -> list[dict]:
         """Per training example, over the run's test set: sum, mean, min, max and how many test examples it hurts."""
         with self.session(read=True) as s:

@@ -588,19 +588,28 @@ class Store(ScoreStore, BlockClaimVerbs):
     def proposal_events(self, proposal_id: int) -> list[dict]:
         with self.session(read=True) as s:
             return [{"from": e.from_status, "to": e.to_status, "actor": e.actor, "note": e.note,
-                     "time_utc": e.created_utc}
+                     "time_utc": e.created_utc,
+                     "new_label": json.loads(e.new_label_json) if e.new_label_json is not None else None}
                     for e in s.scalars(select(ProposalEvent).where(ProposalEvent.proposal_id == proposal_id)
                                        .order_by(ProposalEvent.id))]
 
     def transition(self, ids: Sequence[int], allowed: dict[str, str], actor: str, note: str | None,
-                   applied_version: str | None = None) -> list[dict]:
-        """Move proposals along ``allowed`` (from status -> to status), all or none, one event each."""
-        with self.session() as s:
-            version_id = None
-            if applied_version is not None:
+                   applied_version: str | None = None, new_label: Any = None) -> list[dict]:
+        """Move proposals along ``allowed`` (from status -> to status), all or none, one event each.
+        ``new_label`` (not None) makes an acceptance a relabel; any other transition clears it."""
+        version_id = None
+        if applied_version is not None:
+            with self.session(read=True) as s:
                 version_id = s.scalar(select(ModelVersion.id).where(ModelVersion.name == applied_version))
+        return self.decide([(pid, allowed, note, new_label) for pid in ids], actor, version_id)
+
+    def decide(self, decisions: Sequence[tuple[int, dict[str, str], str | None, Any]], actor: str,
+               applied_version_id: int | None = None) -> list[dict]:
+        """Apply (proposal id, allowed transitions, note, new label or None) decisions, all or none, one
+        event each: the one verb every review path (CLI, file import, web page) writes through."""
+        with self.session() as s:
             changed = []
-            for pid in ids:
+            for pid, allowed, note, new_label in decisions:
                 proposal = s.get(Proposal, int(pid)) if 0 < int(pid) < 2**63 else None
                 if proposal is None:
                     raise InfluenceStoreError(f"no proposal {pid}; see `influence-store proposals list`")
@@ -611,12 +620,35 @@ class Store(ScoreStore, BlockClaimVerbs):
                                                               if proposal.status == "applied" else ""))
                 before, proposal.status = proposal.status, allowed[proposal.status]
                 proposal.reviewer, proposal.note, proposal.updated_utc = actor, note, utcnow()
-                if version_id is not None:
-                    proposal.applied_version_id = version_id
+                proposal.new_label_json = None if new_label is None else json.dumps(new_label)
+                if applied_version_id is not None:
+                    proposal.applied_version_id = applied_version_id
                 s.add(ProposalEvent(proposal_id=proposal.id, from_status=before, to_status=proposal.status,
-                                    actor=actor, note=note))
+                                    actor=actor, note=note, new_label_json=proposal.new_label_json))
                 changed.append(_proposal_dict(proposal))
             return changed
+
+    def example_history(self, example_ids: Sequence[int]) -> list[dict]:
+        """Every run that saw these examples (one identity, any content version): run, model version,
+        split, position, loss and self-influence, oldest run first."""
+        with self.session(read=True) as s:
+            rows = s.execute(select(RunExample, Run.id, ModelVersion.name, Run.approximator, Run.status)
+                             .join(Run, Run.id == RunExample.run_id)
+                             .join(ModelVersion, ModelVersion.id == Run.model_version_id)
+                             .where(RunExample.example_id.in_(list(example_ids))).order_by(Run.id)).all()
+            return [{"run_id": run_id, "model_version": version, "approximator": approximator, "status": status,
+                     "example_id": r.example_id, "split": r.split, "position": r.position, "loss": r.loss,
+                     "self_influence": r.self_influence} for r, run_id, version, approximator, status in rows]
+
+    def examples_by_key(self, key: str, dataset: str | None = None) -> list[dict]:
+        """Stored examples with this key (every dataset, or one), newest content first."""
+        with self.session(read=True) as s:
+            query = select(Example.id).join(Dataset).where(Example.key == str(key)).order_by(Example.id.desc())
+            if dataset is not None:
+                query = query.where(Dataset.name == dataset)
+            ids = list(s.scalars(query))
+        found = self.examples(ids)
+        return [found[i] for i in ids]
 
     def apply_removals(self, ids: Sequence[int], version: str, parent: str | None, dataset: str, actor: str,
                        note: str | None) -> dict:
@@ -630,8 +662,11 @@ class Store(ScoreStore, BlockClaimVerbs):
                     raise InfluenceStoreError(f"proposal {pid} is no longer accepted; export again")
                 proposal.status, proposal.applied_version_id = "applied", created["id"]
                 proposal.updated_utc = utcnow()
+                done = ("removed" if proposal.new_label_json is None
+                        else f"relabelled to {proposal.new_label_json}")
                 s.add(ProposalEvent(proposal_id=proposal.id, from_status="accepted", to_status="applied",
-                                    actor=actor, note=f"exported; removed in model version {version}"))
+                                    actor=actor, note=f"exported; {done} in model version {version}",
+                                    new_label_json=proposal.new_label_json))
             return created
 
     def removed_in_lineage(self, version: str) -> dict[tuple[str, str], dict]:
@@ -740,7 +775,16 @@ def _proposal_dict(p: Proposal) -> dict:
             "status": p.status, "evidence": json.loads(p.evidence_json),
             "rule_options": json.loads(p.rule_options_json), "reviewer": p.reviewer, "note": p.note,
             "applied_version_id": p.applied_version_id, "created_utc": p.created_utc,
+            "new_label": json.loads(p.new_label_json) if p.new_label_json is not None else None,
+            "outcome": _outcome(p),
             "updated_utc": p.updated_utc}
+
+
+def _outcome(p: Proposal) -> str | None:
+    """What an accepted or applied proposal does to its example: ``remove`` or ``relabel``."""
+    if p.status not in ("accepted", "applied"):
+        return None
+    return "remove" if p.new_label_json is None else "relabel"
 
 
 def _reason(exc: Exception) -> str:

@@ -30,7 +30,11 @@ class Task:
     gives a stable string id (default: the position); ``l2`` enters the Hessian as ``l2 * I``;
     ``fit(examples)`` (optional) retrains a model from scratch, which verification uses;
     ``label`` and ``payload`` (optional) describe an example for display and export;
-    ``accuracy(model, batch)`` (optional) returns per-example correctness (1/0) for verification reports.
+    ``accuracy(model, batch)`` (optional) returns per-example correctness (1/0) for verification reports;
+    ``render(example)`` (optional) shows an example to a curator: an image (2-D/3-D array or PIL image),
+    text, or a small mapping of fields (default: the payload, see ``influence_store.render``);
+    ``relabel(example, label)`` (optional) returns a copy of the example with a corrected label (default:
+    a dict's ``"label"`` item or the second item of an (input, label) pair).
     """
 
     model: Any
@@ -46,6 +50,8 @@ class Task:
     name: str | None = None
     accuracy: Callable[[Any, Any], Any] | None = None
     metadata: dict = field(default_factory=dict)
+    render: Callable[[Any], Any] | None = None
+    relabel: Callable[[Any, Any], Any] | None = None
 
     def __post_init__(self) -> None:
         import torch
@@ -92,6 +98,10 @@ class Task:
         """JSON-ready description of one example (its payload), used for display and export."""
         return to_jsonable(self.payload(example) if self.payload else example)
 
+    def relabelled(self, example: Any, label: Any) -> Any:
+        """The example with a corrected label (the task's ``relabel``, else ``with_label``)."""
+        return self.relabel(example, label) if self.relabel is not None else with_label(example, label)
+
     def label_of(self, example: Any) -> Any:
         """The example's label for display, or None when the task does not say."""
         if self.label is not None:
@@ -101,6 +111,17 @@ class Task:
         if isinstance(example, dict) and "label" in example:
             return to_jsonable(example["label"])
         return None
+
+
+def with_label(example: Any, label: Any) -> Any:
+    """A copy of an example (or stored payload) with a new label: a dict's ``"label"``, or the second
+    item of an (input, label) pair; anything else needs the task's own ``relabel``."""
+    if isinstance(example, dict) and "label" in example:
+        return {**example, "label": label}
+    if isinstance(example, (tuple, list)) and len(example) == 2:
+        return type(example)((example[0], label)) if isinstance(example, tuple) else [example[0], label]
+    raise InfluenceStoreError(f"cannot relabel a {type(example).__name__} example: it is neither a dict with a "
+                              f"'label' item nor an (input, label) pair; give the task a relabel(example, label)")
 
 
 def to_jsonable(value: Any) -> Any:

@@ -143,6 +143,7 @@ def task_from_model(model: Any, reader: Any, train_path: str, test_path: str, *,
         key=lambda example: example.key,
         label=lambda example: _label(example.instance),
         payload=lambda example: to_jsonable(example.instance.human_readable_dict()),
+        render=render_instance,
         name=name or Path(str(train_path)).stem,
         metadata={"train_data": str(train_path), "test_data": str(test_path),
                   "reader": type(reader).__name__, "test_reader": type(test_reader or reader).__name__},
@@ -346,6 +347,19 @@ def _instance_id(instance: Any, id_field: str, position: int) -> Any:
         if isinstance(value.metadata, dict) and id_field in value.metadata:
             return value.metadata[id_field]
     return position
+
+
+def render_instance(example: AllenNLPExample) -> dict:
+    """What a curator reads: each ``TextField``'s tokens as text, other fields as AllenNLP prints them."""
+    from allennlp.data.fields import TextField
+
+    shown = {}
+    for name, value in example.instance.fields.items():
+        if isinstance(value, TextField):
+            shown[name] = " ".join(str(token) for token in value.tokens)
+        elif hasattr(value, "human_readable_repr"):
+            shown[name] = to_jsonable(value.human_readable_repr())
+    return shown
 
 
 def _label(instance: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Curation commands: propose, proposals, review, export, versions, compare, verify."""
+"""Curation commands: propose, proposals, export, versions, compare, verify (review: review_commands)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from .store_commands import confirm_stored_task, db_option, open_store, pairs
 
 ID = click.IntRange(1, 2**63 - 1)  # what the store can hold: a larger id is a usage error, not an overflow
 
-PROPOSAL_COLUMNS = ["id", "run_id", "rule", "rank", "key", "label", "status", "reviewer", "evidence"]
+PROPOSAL_COLUMNS = ["id", "run_id", "rule", "rank", "key", "label", "status", "reviewer", "evidence", "outcome",
+                    "new_label", "note"]
 
 
 def _evidence_line(evidence: dict) -> str:
@@ -84,30 +85,13 @@ def proposals_show(db, proposal_id, fmt):
     if fmt != "table":
         emit(proposal, fmt)
         return
-    for key in ("id", "run_id", "rule", "rank", "key", "label", "status", "reviewer", "note"):
+    for key in ("id", "run_id", "rule", "rank", "key", "label", "status", "outcome", "new_label", "reviewer", "note"):
         click.echo(f"{key:>10}: {proposal[key]}")
     click.echo(f"{'evidence':>10}: {_evidence_line(proposal['evidence'])}")
     for event in proposal["events"]:
-        click.echo(f"  {event['time_utc']}  {event['from'] or '-'} -> {event['to']}  by {event['actor']}"
+        relabel = f" (relabel to {event['new_label']!r})" if event.get("new_label") is not None else ""
+        click.echo(f"  {event['time_utc']}  {event['from'] or '-'} -> {event['to']}{relabel}  by {event['actor']}"
                    + (f": {event['note']}" if event["note"] else ""))
-
-
-@cli.command()
-@db_option
-@click.argument("action", type=click.Choice(["accept", "reject", "revert"]))
-@click.argument("ids", nargs=-1, type=ID, required=True)
-@click.option("--note", default=None, help="Why (recorded with the decision).")
-@click.option("--by", "actor", default=None, help="Reviewer (default: the OS user).")
-@output_options
-def review(db, action, ids, note, actor, fmt):
-    """Accept, reject or revert (back to proposed) proposals; all or none change.
-
-    Example: influence-store review accept 3 4 7 --note "label is wrong"
-    """
-    from ..curation import review as decide
-
-    changed = decide(open_store(db, write=True), action, ids, note, actor)
-    emit(_proposal_rows(changed, fmt), fmt, PROPOSAL_COLUMNS)
 
 
 @cli.command()
@@ -135,7 +119,8 @@ def export(db, dataset, output, output_short, version, parent, force, note, acto
     result = write(open_store(db, write=True), dataset, output, version, parent, force, actor, note)
     if fmt == "table":
         click.echo(f"wrote {result['kept']} examples to {result['output']} ({result['removed_now']} removed now, "
-                   f"{result['removed_before']} earlier; manifest {result['manifest']}); new version {version!r}")
+                   f"{result['removed_before']} earlier; {result['relabelled_now']} relabelled now, "
+                   f"{result['relabelled_before']} earlier; manifest {result['manifest']}); new version {version!r}")
         return
     emit(result, fmt)
 
@@ -204,7 +189,7 @@ def compare(db, old, new, old_run, new_run, top, allow_different_settings, fmt):
                f"{result['n_train_new']} train); {result['n_common_train']} training examples in both")
     for line in result["settings_differ"]:
         click.echo(f"warning: the runs differ in {line}", err=True)
-    click.echo(f"removals applied in {new}: {len(result['removed'])}")
+    click.echo(f"removals applied in {new}: {len(result['removed'])}; relabels: {len(result['relabelled'])}")
     click.echo(f"mean test loss: {result['test_loss_old']:.6g} -> {result['test_loss_new']:.6g} "
                f"(actual change {result['actual_loss_change']:+.6g}, predicted by {old}'s scores "
                f"{result['predicted_loss_change']:+.6g})")
@@ -244,5 +229,7 @@ def verify(db, run_id, proposal_ids, task_spec, task_options, fmt):
     acc = ""
     if result["accuracy_before"] is not None:
         acc = f"; accuracy {result['accuracy_before']:.4f} -> {result['accuracy_after']:.4f}"
-    click.echo(f"removed {result['n_removed']}: test loss {result['loss_before']:.6g} -> {result['loss_after']:.6g} "
-               f"(actual {result['actual_loss_change']:+.6g}, predicted {result['predicted_loss_change']:+.6g}){acc}")
+    relabelled = f", relabelled {result['n_relabelled']}" if result["n_relabelled"] else ""
+    click.echo(f"removed {result['n_removed']}{relabelled}: test loss {result['loss_before']:.6g} -> {result['loss_after']:.6g} "
+               f"(actual {result['actual_loss_change']:+.6g}, predicted {result['predicted_loss_change']:+.6g}"
+               f"{' for the removals' if result['n_relabelled'] else ''}){acc}")
