@@ -60,12 +60,13 @@ def example_rows(task: Task, split: str) -> list[tuple[str, str, Any, Any]]:
     return rows
 
 
-def check_request(test_chunk_size: int | None, memory_budget_mb: float, model_version: str | None,
+def check_request(test_chunk_size: int | None, memory_budget_mb: float | None, model_version: str | None,
                   dataset: str | None) -> None:
     """Settings a run cannot work with fail here, before anything is loaded or stored (never replaced silently)."""
     if test_chunk_size is not None and (isinstance(test_chunk_size, bool) or test_chunk_size < 1):
         raise InfluenceStoreError(f"test chunk size must be a positive number of test examples, got {test_chunk_size}")
-    if not isinstance(memory_budget_mb, (int, float)) or not math.isfinite(memory_budget_mb) or memory_budget_mb <= 0:
+    if memory_budget_mb is not None and (isinstance(memory_budget_mb, bool) or not isinstance(
+            memory_budget_mb, (int, float)) or not math.isfinite(memory_budget_mb) or memory_budget_mb <= 0):
         raise InfluenceStoreError(f"memory budget must be a positive number of MB, got {memory_budget_mb}")
     for what, name in (("model version", model_version), ("dataset", dataset)):
         if name is not None and not name.strip():
