@@ -160,10 +160,25 @@ class Store(ScoreStore, BlockClaimVerbs):
         if revision not in known:
             raise InfluenceStoreError(f"unknown schema revision {revision!r}; known: {', '.join(known)}")
         try:
-            with self.engine.begin() as connection:
+            with self._migrating() as connection:
                 command.downgrade(_alembic_config(connection), revision)
         except OperationalError as exc:
             raise InfluenceStoreError(f"cannot downgrade store {self.location!r}: {_reason(exc)}") from None
+
+    @contextmanager
+    def _migrating(self) -> Iterator:
+        """One transaction for a schema change. SQLite's foreign keys are off meanwhile: batch migrations
+        recreate tables that other tables reference (Alembic's batch mode), which they would refuse."""
+        with self.engine.connect() as connection:
+            raw = connection.connection.driver_connection if self.is_sqlite else None
+            if raw is not None:
+                raw.execute("PRAGMA foreign_keys=OFF")  # outside a transaction: SQLite ignores it inside one
+            try:
+                with connection.begin():
+                    yield connection
+            finally:
+                if raw is not None:
+                    raw.execute("PRAGMA foreign_keys=ON")
 
     def upgrade(self) -> None:
         """Upgrade the schema to head; refuse a database written by a newer influence-store."""
@@ -189,7 +204,7 @@ class Store(ScoreStore, BlockClaimVerbs):
         if self.is_sqlite and self.path.exists() and not os.access(self.path, os.W_OK):
             raise InfluenceStoreError(f"store {self.location!r} needs a schema upgrade but is read-only")
         try:
-            with self.engine.begin() as connection:
+            with self._migrating() as connection:
                 if self.is_postgresql:  # processes opening a new store at once: one migrates, the others wait
                     connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
                 command.upgrade(_alembic_config(connection), "head")

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sqlite3
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -132,6 +133,12 @@ def list_runs(location: str | None = None, version: str | None = None, status: s
     connection = connect_for_reading(location)
     try:
         rows = connection.execute(query + " ORDER BY runs.id", [value for _, value in where]).fetchall()
+        # The processes holding a live lease on an unfinished block (store_claims.live_owners).
+        live: dict[int, list[str]] = {}
+        for run_id, owner in connection.execute(
+                "SELECT DISTINCT run_id, owner FROM run_claims WHERE finished_utc IS NULL AND lease_expires > ? "
+                "ORDER BY run_id, owner", (time.time(),)):
+            live.setdefault(run_id, []).append(owner)
     finally:
         connection.close()
     out = []
@@ -139,5 +146,8 @@ def list_runs(location: str | None = None, version: str | None = None, status: s
         record = dict(row)
         for name in [k for k in record if k.endswith("_json")]:
             record[name.removesuffix("_json")] = json.loads(record.pop(name) or "{}")
+        record["workers"] = live.get(record["id"], []) if record["status"] == "running" else []
+        if record["status"] == "running" and not record["workers"]:
+            record["status"] = "interrupted"  # no process holds a live lease on it: they all died or were killed
         out.append(record)
     return out

@@ -197,12 +197,13 @@ def test_an_export_that_loses_the_race_leaves_no_files(db, tmp_path, monkeypatch
 # ---------- reading an unfinished run ----------
 
 def test_scores_of_an_unfinished_run_need_partial_and_say_how_much(db):
+    # Stored as running, but no process holds a lease on it: it reads as interrupted.
     sql(db, "UPDATE runs SET status = 'running', chunks_done = 1")
     before = snapshot(db)
     for args in ([], ["--test", "0"]):
-        one_line_error(invoke("--db", db, "scores", 1, *args), "run 1 is running, with 1 of 5 test chunks", "--partial")
+        one_line_error(invoke("--db", db, "scores", 1, *args), "run 1 is interrupted, with 1 of 5 test chunks", "--partial")
     partial = CliRunner().invoke(cli, ["--db", str(db), "scores", "1", "--partial", "--json"])
-    assert partial.exit_code == 0 and "warning: run 1 is running, with 1 of 5" in partial.stderr
+    assert partial.exit_code == 0 and "warning: run 1 is interrupted, with 1 of 5" in partial.stderr
     assert json.loads(partial.stdout)["run_id"] == 1
     for args in (["propose", 1], ["report", 1]):
         assert invoke("--db", db, *args).exit_code == 1

@@ -147,9 +147,10 @@ def test_head_revision_read_from_the_files_is_alembics():
 @pytest.mark.parametrize("url, fragment", [
     ("sqlite:///:memory:", "in-memory database"),
     ("sqlite://", "in-memory database"),
-    ("postgresql://someone@localhost/curation", "database driver 'psycopg' is not installed"),
+    ("postgresql://someone@localhost/curation", "is not installed: psycopg (pip install 'influence-store[postgres]')"),
 ])
-def test_store_urls_that_cannot_work_say_why(url, fragment):
+def test_store_urls_that_cannot_work_say_why(url, fragment, monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as where the postgres extra is not installed
     for args in (["init"], ["runs"], ["run", "x.py:task"]):
         one_line_error(invoke("--db", url, *args), fragment)
 

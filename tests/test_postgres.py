@@ -94,7 +94,7 @@ def curation_loop(db, folder: Path) -> dict:
     folder.mkdir()
     spec = f"{folder / 'bc_pg.py'}:task"
     (folder / "bc_pg.py").write_text(TASK_FILE)
-    run = ["run", spec, "-a", "exact", "-o", "damping", "0.001", "--quiet", "--json"]
+    run = ["run", spec, "-a", "exact", "-o", "damping", "0.001", "--memory-budget-mb", "512", "--quiet", "--json"]
     out = {"run": json.loads(ok(db, *run, "--model-version", "v1"))}
     out["scores"] = json.loads(ok(db, "scores", 1, "--top", 5, "--json"))
     out["scores_one"] = json.loads(ok(db, "scores", 1, "--test", "bc-452", "--top", 5, "--json"))
@@ -113,7 +113,7 @@ def curation_loop(db, folder: Path) -> dict:
     out["versions"] = json.loads(ok(db, "versions", "list", "--json"))
     out["compare"] = json.loads(ok(db, "compare", "v1", "v2", "--top", 1000, "--json"))
     out["compare"]["movers"].sort(key=lambda m: m["key"])  # equal rank changes come in the database's order
-    out["verify"] = json.loads(ok(db, "verify", 1, "--json"))
+    out["verify"] = json.loads(ok(db, "verify", 1, "--task", spec, "--json"))
     out["runs"] = json.loads(ok(db, "runs", "list", "--json"))
     out["db_status"] = json.loads(ok(db, "db", "status", "--json"))["rows"]
     ok(db, "report", 1, "-o", folder / "report.html")
