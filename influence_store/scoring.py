@@ -26,6 +26,7 @@ from .plan import Plan, make_plan, stored_chunk_size
 from .task import Task
 
 LONG_RUN_WORK = 5e7  # parameters x examples above which a run with progress bars prints its plan first
+SHARED_BLOCKS = 4  # the fewest blocks a run's test chunks (after the first) are solved in; see chunks_per_block
 SIGN_CONVENTION = "score = g_test^T (H + ridge)^-1 g_train; positive = helpful, negative = harmful"
 
 
@@ -102,8 +103,11 @@ class ScoreComputation:
 
     @property
     def chunks_per_block(self) -> int:
-        """How many stored chunks the plan solves together (one inverse-HVP call, one training pass)."""
-        return max(1, self.plan.test_block_size // self.test_chunk_size)
+        """How many stored chunks are solved together (one inverse-HVP call, one training pass): as many as
+        the plan's memory allows, but the chunks after the first form at least ``SHARED_BLOCKS`` blocks, so
+        that every process sharing a run (started by hand, by SLURM, Dask workers) gets work to claim."""
+        by_memory = max(1, self.plan.test_block_size // self.test_chunk_size)
+        return max(1, min(by_memory, math.ceil((self.num_chunks - 1) / SHARED_BLOCKS)))
 
     def chunk_group(self, indices: Sequence[int]) -> list[ScoreChunk]:
         """Several chunks' scores from one inverse-HVP call and one pass over the training set (the unit
