@@ -32,9 +32,9 @@ def database_url(location: str | None = None) -> str:
     """A SQLAlchemy URL for a path or URL (an in-memory SQLite URL is refused); a PostgreSQL URL without a
     driver means psycopg (version 3)."""
     location = location or default_location()
+    path = sqlite_path(location)  # refuses an in-memory database
     if "://" not in location:
-        return f"sqlite:///{sqlite_path(location)}"
-    sqlite_path(location)
+        return f"sqlite:///{path}"
     scheme, rest = location.split("://", 1)
     return f"postgresql+psycopg://{rest}" if scheme in ("postgresql", "postgres") else location
 
@@ -184,6 +184,7 @@ class Store(ScoreStore, BlockClaimVerbs):
         """Upgrade the schema to head; refuse a database written by a newer influence-store."""
         from alembic import command
         from alembic.script import ScriptDirectory
+        from sqlalchemy import inspect
 
         current, head = self.revision(), head_revision()
         if current == head:
@@ -193,20 +194,18 @@ class Store(ScoreStore, BlockClaimVerbs):
             raise InfluenceStoreError(
                 f"store {self.location!r} has schema revision {current!r}, newer than this influence-store "
                 f"knows (head {head!r}); upgrade influence-store (pip install -U influence-store)")
-        if current is None:
-            from sqlalchemy import inspect
-
-            with self.engine.connect() as connection:
-                tables = inspect(connection).get_table_names()
-            if tables:  # someone else's database: adding our tables to it would be a surprise
-                raise InfluenceStoreError(f"{self.location!r} holds other tables ({', '.join(sorted(tables)[:3])}) "
-                                          f"and is not an influence-store database; give a new path with --db")
         if self.is_sqlite and self.path.exists() and not os.access(self.path, os.W_OK):
             raise InfluenceStoreError(f"store {self.location!r} needs a schema upgrade but is read-only")
         try:
             with self._migrating() as connection:
                 if self.is_postgresql:  # processes opening a new store at once: one migrates, the others wait
                     connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+                # Checked under the write lock: a store another process is creating right now is ours.
+                tables = inspect(connection).get_table_names()
+                if tables and "alembic_version" not in tables:  # someone else's database: ours would surprise
+                    raise InfluenceStoreError(
+                        f"{self.location!r} holds other tables ({', '.join(sorted(tables)[:3])}) and is not an "
+                        f"influence-store database; give a new path with --db")
                 command.upgrade(_alembic_config(connection), "head")
         except OperationalError as exc:
             raise InfluenceStoreError(f"cannot upgrade store {self.location!r}: {_reason(exc)}") from None
