@@ -61,6 +61,13 @@ def breast_cancer_task(n_train: int = 455, l2: float = L2) -> ist.Task:
                     fit=lambda examples: fit_logistic(*[torch.stack(t) for t in zip(*examples)], l2=l2))
 
 
+def breast_cancer_200_by_60() -> ist.Task:
+    """200 training and 60 test examples, float64 logistic regression."""
+    task = breast_cancer_task(n_train=200)
+    task.test = torch.utils.data.TensorDataset(*(t[:60] for t in task.test.tensors))
+    return task
+
+
 def small_breast_cancer_task() -> ist.Task:
     """A quicker variant for CLI tests: 120 training and 30 test examples."""
     task = breast_cancer_task(n_train=120)

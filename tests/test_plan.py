@@ -2,22 +2,18 @@
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
 import influence_store as ist
 from influence_store.gradients import TrackedModel
 from influence_store.plan import default_budget_mb
-from tasks import breast_cancer_task, digits_mlp_task
+from tasks import breast_cancer_200_by_60, digits_mlp_task
 
 LISSA = {"scale": 5.0, "batch_size": 16, "depth_iters": 20}
 
 
 @pytest.fixture(scope="module")
 def task():
-    """200 training and 60 test examples, float64 logistic regression."""
-    task = breast_cancer_task(n_train=200)
-    task.test = TensorDataset(*(t[:60] for t in task.test.tensors))
-    return task
+    return breast_cancer_200_by_60()
 
 
 @pytest.mark.parametrize("approximator, options", [("lissa", LISSA), ("exact", {})])

@@ -8,17 +8,14 @@ from torch.utils.data import Subset, TensorDataset
 
 import closed_form
 import influence_store as ist
-from tasks import bce_loss, breast_cancer_data, breast_cancer_task, fit_logistic
+from tasks import breast_cancer_200_by_60, bce_loss, breast_cancer_data, fit_logistic
 
 LISSA = {"scale": 5.0, "batch_size": 16, "depth_iters": 20}
 
 
 @pytest.fixture(scope="module")
 def task():
-    """200 training and 60 test examples."""
-    task = breast_cancer_task(n_train=200)
-    task.test = TensorDataset(*(t[:60] for t in task.test.tensors))
-    return task
+    return breast_cancer_200_by_60()
 
 
 def scores_with_extra_training_example(t, label):
