@@ -144,10 +144,12 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
         removed = store.removed_in_lineage(model_version)
         back = [r[0] for r in train_rows if (r[0], r[1]) in removed]
         if back:
+            proposal = removed[next(k for k in removed if k[0] == back[0])]["id"]
             raise InfluenceStoreError(
-                f"{len(back)} training examples of model version {model_version!r} were removed by applied proposals "
-                f"(e.g. {back[0]!r}, proposal {removed[next(k for k in removed if k[0] == back[0])]['id']}); train on "
-                f"the exported data, or pass --allow-removed to score them anyway")
+                "{count} training examples of model version {version!r} were removed by applied proposals "
+                "(e.g. {key!r}, proposal {proposal}); train on the exported data, or pass {allow_removed} to score "
+                "them anyway", count=len(back), version=model_version, key=back[0], proposal=proposal,
+                allow_removed="allow_removed=True")
     # Stored with the run, so --resume can rebuild the identity.
     requested = {"dtype": dtype, "test_chunk_size": test_chunk_size, "memory_budget_mb": memory_budget_mb,
                  "self_influence": self_influence, "model_mode": model_mode}

@@ -281,7 +281,8 @@ def _check_device(device: str) -> torch.device:
     except RuntimeError:
         raise InfluenceStoreError(f"unknown device {device!r}; use cpu or cuda[:N]") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InfluenceStoreError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        raise InfluenceStoreError("device {requested!r} requested but CUDA is not available; use {device}",
+                                  requested=device, device='device="cpu"')
     return dev
 
 

@@ -196,3 +196,11 @@ def test_cli_valid_run_still_works(bad_tasks):
     """The control: the same task file with good settings stores a run."""
     result = run(f"{bad_tasks}:small", "-a", "exact", "--json")
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_setting_named_in_an_error_is_spelled_for_its_reader(task, bad_tasks):
+    """Python callers read the keyword argument, shell users the flag; the facts are the same."""
+    message = one_line_error(lambda: ist.compute_scores(task, device="cuda:0"), "'cuda:0'", 'use device="cpu"')
+    assert "--" not in message
+    assert_one_line_error(run(f"{bad_tasks}:small", "--device", "cuda:0"), "'cuda:0'", "use --device cpu")

@@ -9,6 +9,7 @@ import click
 
 from .. import __version__
 from ..errors import InfluenceStoreError
+from .wording import cli_message
 
 
 class CLIGroup(click.Group):
@@ -21,7 +22,7 @@ class CLIGroup(click.Group):
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
         except InfluenceStoreError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(cli_message(exc)) from None
         except BrokenPipeError:  # `influence-store ... | head`: the reader left, which is not an error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise SystemExit(0) from None
@@ -61,6 +62,6 @@ def main() -> None:
     try:
         call_hook("register_commands", cli=cli)
     except InfluenceStoreError as exc:
-        click.echo(f"Error: {exc}", err=True)
+        click.echo(f"Error: {cli_message(exc)}", err=True)
         sys.exit(1)
     cli(prog_name="influence-store")
