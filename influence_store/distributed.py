@@ -9,8 +9,7 @@ machines: PostgreSQL) and load the task spec (same files and packages on every w
 
 from __future__ import annotations
 
-import time
-from typing import Any
+from typing import Any, Callable
 
 from .errors import InfluenceStoreError
 
@@ -24,12 +23,11 @@ def _dask():
     return distributed
 
 
-def execute_run_on_dask(store, spec, settings, *, workers: int | None = None, scheduler: str | None = None,
-                        **run_options: Any):
-    """Run ``execute_run`` on ``workers`` local single-threaded worker processes (a LocalCluster), or on
-    every worker of the Dask cluster at ``scheduler``; returns the run's RunResult."""
-    from .runs import RunResult
-
+def execute_run_on_dask(run: Callable, store, spec, settings, *, workers: int | None = None,
+                        scheduler: str | None = None, **run_options: Any) -> tuple[int, str]:
+    """Call ``run`` (``execute_run``, handed in so that this module does not import it back) on ``workers``
+    local single-threaded worker processes (a LocalCluster), or on every worker of the Dask cluster at
+    ``scheduler``; returns the run's id and outcome."""
     if not isinstance(spec, str):
         raise InfluenceStoreError("a run on Dask workers needs a task spec (FILE.py:FUNCTION or MODULE:FUNCTION) "
                                   "that every worker can load, not a Task object")
@@ -41,7 +39,6 @@ def execute_run_on_dask(store, spec, settings, *, workers: int | None = None, sc
         raise InfluenceStoreError("a Dask cluster's workers need a database server they all reach "
                                   "(postgresql+psycopg://USER@HOST:PORT/DB), not a SQLite file")
     distributed = _dask()
-    started = time.perf_counter()
     cluster = None
     try:
         if scheduler is None:
@@ -57,7 +54,7 @@ def execute_run_on_dask(store, spec, settings, *, workers: int | None = None, sc
         raise InfluenceStoreError(f"cannot reach the Dask scheduler {scheduler!r}: {exc}") from None
     try:
         count = workers or max(1, len(client.scheduler_info()["workers"]))
-        futures = [client.submit(run_in_worker, store.url, spec, settings, run_options, pure=False) for _ in range(count)]
+        futures = [client.submit(run_in_worker, run, store.url, spec, settings, run_options, pure=False) for _ in range(count)]
         results = client.gather(futures)
     finally:
         client.close()
@@ -65,20 +62,19 @@ def execute_run_on_dask(store, spec, settings, *, workers: int | None = None, sc
             cluster.close()
     outcomes = {r["outcome"] for r in results}
     outcome = "computed" if "computed" in outcomes else "resumed" if "resumed" in outcomes else "existing"
-    return RunResult(results[0]["run_id"], "done", outcome, time.perf_counter() - started)
+    return results[0]["run_id"], outcome
 
 
-def run_in_worker(url: str, spec: str, settings, run_options: dict) -> dict:
+def run_in_worker(run: Callable, url: str, spec: str, settings, run_options: dict) -> dict:
     """One Dask task: an ordinary run in this worker process, with single-threaded torch (the workers are
     the parallelism)."""
     import torch
 
-    from .runs import execute_run
     from .store import Store
 
     torch.set_num_threads(1)
     store = Store(url)
     try:
-        return execute_run(store, spec, settings, **run_options).to_dict()
+        return run(store, spec, settings, **run_options).to_dict()
     finally:
         store.engine.dispose()

@@ -9,11 +9,13 @@ import html
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import InfluenceStoreError
 from .files import write_atomic
-from .store import Store
+
+if TYPE_CHECKING:
+    from .store import Store
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;
@@ -57,7 +59,7 @@ def build_report(store: Store, run_id: int, top: int = 10, per_test: int = 5) ->
     pictures = _pictures(store, run, proposals)
     parts.append("<h2>Removal proposals</h2>" + _table(
         [{**p, "picture": pictures.get(p["example_id"], ""), "new_label": p.get("new_label"),
-          "evidence": ", ".join(f"{k}={_fmt(v)}" for k, v in p["evidence"].items())} for p in proposals],
+          "evidence": evidence_text(p["evidence"])} for p in proposals],
         ["id", "picture", "rule", "rank", "key", "label", "status", "new_label", "reviewer", "note", "evidence"],
         "proposals"))
     if verifications:
@@ -107,6 +109,11 @@ def _pictures(store: Store, run: dict, proposals: list[dict]) -> dict[int, str]:
         elif rendering.text:
             out[example_id] = html.escape(rendering.text[:200])
     return out
+
+
+def evidence_text(evidence: dict) -> str:
+    """A proposal's evidence on one line for people (``hurts=12, sum=-0.03412``); JSON keeps every digit."""
+    return ", ".join(f"{key}={_fmt(value)}" for key, value in evidence.items())
 
 
 def _fmt(value: Any) -> str:

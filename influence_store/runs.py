@@ -76,9 +76,12 @@ def execute_run(store: Store, spec: str | Task, settings: RunSettings | None = N
     if workers is not None or scheduler is not None:
         from .distributed import execute_run_on_dask
 
-        return execute_run_on_dask(store, spec, settings, workers=workers, scheduler=scheduler,
-                                   task_options=task_options, model_version=model_version, dataset=dataset,
-                                   resume=resume, allow_removed=allow_removed, lease_seconds=lease_seconds)
+        started = time.perf_counter()
+        run_id, outcome = execute_run_on_dask(
+            execute_run, store, spec, settings, workers=workers, scheduler=scheduler, task_options=task_options,
+            model_version=model_version, dataset=dataset, resume=resume, allow_removed=allow_removed,
+            lease_seconds=lease_seconds)
+        return RunResult(run_id, "done", outcome, time.perf_counter() - started)
     from .freezing import tracked_parameters
     from .scoring import prepare_scores
 

@@ -1,4 +1,5 @@
-"""The root click group; command modules attach themselves here, plugins through ``register_commands``."""
+"""The root click group with the built-in commands (``commands.py``); plugins add theirs through
+``register_commands``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import click
 
 from .. import __version__
 from ..errors import InfluenceStoreError
+from .commands import BUILT_IN_COMMANDS
 from .wording import cli_message
 
 
@@ -55,8 +57,11 @@ def cli(plugins_dir, db):
     # plugins_dir is loaded by CLIGroup.invoke, before the subcommand is looked up
 
 
+for command in BUILT_IN_COMMANDS:
+    cli.add_command(command)
+
+
 def main() -> None:
-    from . import commands  # noqa: F401  (attaches the built-in commands)
     from ..plugin_manager import call_hook
 
     try:

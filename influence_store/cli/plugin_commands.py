@@ -1,4 +1,5 @@
-"""``plugins``, ``approximators``, ``policies``: what is registered, with options and help text."""
+"""``plugins``, ``approximators``, ``policies``, ``loaders``, ``rules``: what is registered, with options and help
+text."""
 
 from __future__ import annotations
 
@@ -6,11 +7,10 @@ import click
 
 from ..options import describe_options
 from ..plugin_manager import plugin_summaries, registry
-from .main import cli
 from .output import emit, output_options
 
 
-@cli.command()
+@click.command()
 @click.option("--all", "show_all", is_flag=True, help="Include the built-in plugins.")
 @output_options
 def plugins(show_all, fmt):
@@ -41,7 +41,7 @@ def _implementations(hook: str, with_options: bool, fmt: str, flag: str) -> None
     emit(rows, fmt, ["name", "plugin", "summary"])
 
 
-@cli.command()
+@click.command()
 @click.option("--options", "with_options", is_flag=True, help="Show each option with its default and help.")
 @output_options
 def approximators(with_options, fmt):
@@ -52,7 +52,7 @@ def approximators(with_options, fmt):
     _implementations("register_approximators", with_options, fmt, "-o")
 
 
-@cli.command()
+@click.command()
 @click.option("--options", "with_options", is_flag=True, help="Show each option with its default and help.")
 @output_options
 def policies(with_options, fmt):
@@ -63,7 +63,7 @@ def policies(with_options, fmt):
     _implementations("register_freezing_policies", with_options, fmt, "-f")
 
 
-@cli.command()
+@click.command()
 @click.option("--options", "with_options", is_flag=True, help="Show each loader's -t options.")
 @output_options
 def loaders(with_options, fmt):
@@ -74,7 +74,7 @@ def loaders(with_options, fmt):
     _implementations("register_task_loaders", with_options, fmt, "-t")
 
 
-@cli.command()
+@click.command()
 @output_options
 def rules(fmt):
     """List removal-proposal rules (`propose --rule NAME`) with their -o options.

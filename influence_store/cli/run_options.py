@@ -8,17 +8,7 @@ from dataclasses import MISSING, fields
 import click
 
 from ..settings import RunSettings
-
-
-def pairs(values) -> dict:
-    """``-o KEY VALUE`` pairs -> dict; a repeated key collects its values in a list (``-f patterns a -f patterns b``)."""
-    out: dict = {}
-    for key, value in values:
-        if key in out:
-            out[key] = (out[key] if isinstance(out[key], list) else [out[key]]) + [value]
-        else:
-            out[key] = value
-    return out
+from .common import pairs
 
 
 def settings_options(function):

@@ -1,62 +1,19 @@
-"""Store and run commands: init, db, run, runs, scores."""
+"""The store and the scores it holds: ``init``, ``db path|status|upgrade|downgrade|backup``, ``run`` (compute and
+store every score), ``runs list|show`` and ``scores``."""
 
 from __future__ import annotations
 
-import functools
 import json
 import shlex
-import sys
 
 import click
 
-from .main import cli
+from .common import confirm_stored_task, db_option, open_store, pairs, stdin_is_terminal
 from .output import at_least_one, emit, output_options
-from .run_options import pairs, settings_options
+from .run_options import settings_options
 
 
-def db_option(command):
-    """``--db PATH|URL`` on a command (overrides the root ``--db``, $INFLUENCE_STORE_DB, ./influence-store.db)."""
-
-    @click.option("--db", "db", default=None, metavar="PATH|URL",
-                  help="Store location (default: $INFLUENCE_STORE_DB or ./influence-store.db).")
-    @functools.wraps(command)
-    def wrapper(*args, db, **kwargs):
-        return command(*args, db=db or (click.get_current_context().find_root().params.get("db")), **kwargs)
-
-    return wrapper
-
-
-def open_store(db, *, write: bool = False, create: bool = False):
-    """The store for a command. Reads never create or migrate a store (they say there is none, or that it
-    needs `db upgrade`); writes upgrade it; only ``create=True`` commands (init, run, ...) make a new one."""
-    from ..store import Store
-    from ..store_file import check_revision, connect_for_reading, sqlite_path
-
-    if write or create:
-        return Store(db, create=create)
-    if sqlite_path(db) is not None:
-        connect_for_reading(db).close()
-        return Store(db, create=False, upgrade=False)
-    store = Store(db, create=False, upgrade=False)
-    check_revision(store.revision(), store.location)
-    return store
-
-
-def stdin_is_terminal() -> bool:
-    return sys.stdin.isatty()
-
-
-def confirm_stored_task(run: dict, named: str | None) -> str | None:
-    """Nothing named: on a terminal, show the task the store names and load it only if the user says so."""
-    if named not in (None, "-") or not stdin_is_terminal():
-        return named
-    options = f" with options {json.dumps(run['task_options'])}" if run["task_options"] else ""
-    click.confirm(f"run {run['id']} was computed from task {run['task_spec']!r}{options}; loading it imports and "
-                  f"runs that code. Load it?", abort=True, err=True)
-    return run["task_spec"]
-
-
-@cli.command()
+@click.command()
 @db_option
 def init(db):
     """Create the store (or upgrade it to the newest schema).
@@ -67,7 +24,7 @@ def init(db):
     click.echo(f"store ready: {store.location} (schema {store.revision()})")
 
 
-@cli.group()
+@click.group()
 def db():
     """Where the store is, what it holds, upgrade, downgrade and backup."""
 
@@ -142,7 +99,7 @@ def db_backup(db, target):
     click.echo(f"backed up to {target}")
 
 
-@cli.command()
+@click.command()
 @db_option
 @click.argument("task_spec")
 @settings_options
@@ -187,7 +144,7 @@ def run(db, task_spec, settings, task_options, train_data, test_data, model_vers
     if test_data:
         task_opts["test_data"] = test_data
     if resume is not None and task_spec == "-" and store.run(resume)["status"] != "done":
-        task_spec = confirm_stored_task(store.run(resume), task_spec)
+        task_spec = confirm_stored_task(store.run(resume), task_spec, stdin_is_terminal())
     try:
         result = execute_run(store, task_spec, settings, task_options=task_opts, model_version=model_version,
                              dataset=dataset, progress=not quiet and not as_json, resume=resume,
@@ -203,7 +160,7 @@ def run(db, task_spec, settings, task_options, train_data, test_data, model_vers
     click.echo(f"run {result.run_id} {words[result.outcome]} in {store.location}")
 
 
-@cli.group(invoke_without_command=True)
+@click.group(invoke_without_command=True)
 @output_options
 @click.pass_context
 def runs(ctx, fmt):
@@ -248,7 +205,7 @@ def runs_show(db, run_id, fmt):
         click.echo(f"{key:>20}: {value}")
 
 
-@cli.command()
+@click.command()
 @db_option
 @click.argument("run_id")
 @click.option("--test", "test_key", default=None, help="Key of one test example (default: aggregate over all).")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import click
 
-from .main import cli
-from .store_commands import db_option, open_store
+from .common import db_option, open_store
 
 
-@cli.command()
+@click.command()
 @db_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (loopback: only this machine can open the page).")
