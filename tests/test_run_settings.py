@@ -3,6 +3,7 @@ store on resume. A store written before it existed opens, finds its runs, and re
 
 import shutil
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 import influence_store as ist
 from influence_store.runs import execute_run
+from influence_store.settings import RunSettings
 from influence_store.store import Store
 
 DATA = Path(__file__).parent / "data"
@@ -43,3 +45,31 @@ def test_an_interrupted_run_of_an_older_store_resumes_with_its_stored_settings(l
     expected = ist.compute_scores(legacy_task(), "exact", {"damping": 1e-3}).matrix()
     stored = torch.tensor(legacy_store.score_matrix(2))
     assert torch.allclose(stored, expected, rtol=1e-6, atol=1e-9 * expected.abs().max())
+
+
+def test_every_setting_is_stored_with_the_run_and_rebuilt_from_it(tmp_path):
+    store = Store(str(tmp_path / "s.db"))
+    settings = RunSettings(approximator="exact", options={"damping": "0.002"}, freeze="last-layer", seed=3,
+                           dtype="float32", memory_budget_mb=300, test_chunk_size=7, self_influence=False,
+                           model_mode="train")
+    result = execute_run(store, legacy_task(), settings)
+    assert RunSettings.from_run(store.run(result.run_id)) == settings.resolved()
+    assert execute_run(store, legacy_task(), settings.resolved()).outcome == "existing"
+    assert execute_run(store, legacy_task(), settings, seed=4).run_id != result.run_id
+
+
+def test_every_setting_is_an_option_of_the_run_command():
+    from click.testing import CliRunner
+
+    from influence_store.cli.main import cli
+
+    usage = CliRunner().invoke(cli, ["run", "--help"], terminal_width=200).output
+    for f in fields(RunSettings):
+        assert f.metadata["flags"] and all(flag in usage for flag in f.metadata["flags"]), f.name
+
+
+def test_an_unknown_or_bad_setting_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(TypeError, match="unknown run setting 'modelmode'"):
+        execute_run(Store(str(tmp_path / "s.db")), legacy_task(), modelmode="train")
+    with pytest.raises(ist.InfluenceStoreError, match="test chunk size must be a positive number"):
+        RunSettings(test_chunk_size=0)
