@@ -10,6 +10,7 @@ _EXPORTS = {
     "ScoreChunk": "scoring", "SIGN_CONVENTION": "scoring", "InfluenceStoreError": "errors",
     "Approximator": "approximators", "FreezingPolicy": "freezing", "TaskLoader": "task",
     "hookimpl": "hookspecs", "Store": "store", "execute_run": "runs", "ProposalRule": "curation",
+    "RunSettings": "settings", "prepare_scores": "scoring",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
