@@ -187,14 +187,16 @@ class ScoreComputation:
             yield list(range(self.n_train)), self._train_grads
             return
         keep = self.plan.train_grads_cached
-        chunks = []
+        cache = None  # filled in place: no second copy of every gradient for a concatenation at the end
         for idx, g in self.model.grad_chunks("train"):
             if keep:
-                chunks.append(g)
+                if cache is None:
+                    cache = torch.empty(self.n_train, g.shape[1], dtype=g.dtype, device=g.device)
+                cache[idx[0]:idx[-1] + 1] = g
             yield idx, g
         self.diagnostics["train_gradient_passes"] = self.diagnostics.get("train_gradient_passes", 0) + 1
         if keep:
-            self._train_grads = torch.cat(chunks) if chunks else None
+            self._train_grads = cache
 
     def _inverse_hvp(self, vectors: Tensor) -> Tensor:
         result = self.approximator.inverse_hvp(vectors)
