@@ -46,7 +46,8 @@ class SelfInfluence(ProposalRule):
     def candidates(self, store, run):
         rows = store.self_influence(run["id"])
         if not rows:
-            raise InfluenceStoreError(f"run {run['id']} has no self-influence; run again without --no-self-influence")
+            raise InfluenceStoreError("run {run_id} has no self-influence; run again {with_self_influence}",
+                                      run_id=run["id"], with_self_influence="with self_influence=True")
         by_loss = {r["example_id"]: i for i, r in enumerate(sorted(rows, key=lambda r: -r["loss"]), start=1)}
         return [(r["example_id"], {"self_influence": r["self_influence"], "train_loss": r["loss"],
                                    "self_influence_rank": i, "train_loss_rank": by_loss[r["example_id"]]})
