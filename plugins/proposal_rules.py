@@ -24,7 +24,8 @@ class Harmful(ProposalRule):
 
     def candidates(self, store, run):
         if self.options.by not in ("sum", "mean", "hurts"):
-            raise InfluenceStoreError(f"rule harmful: -o by must be sum, mean or hurts, got {self.options.by!r}")
+            raise InfluenceStoreError("rule harmful: {by_option} must be sum, mean or hurts, got {by!r}",
+                                      by=self.options.by, by_option='options["by"]')
         info = store.run_examples(run["id"], "train")
         rows = [r for r in store.aggregate_scores(run["id"]) if r["sum"] < 0 and r["hurts"] >= self.options.min_hurts]
         if self.options.by == "hurts":

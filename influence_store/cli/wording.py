@@ -22,6 +22,12 @@ FLAGS = {
     "freeze_all": "--freeze all",
     "freeze_fewer": "--freeze last-layer / regex / modules",
     "with_self_influence": "without --no-self-influence",
+    "data_path": "--{split}-data PATH (or -t {split}_data PATH)",
+    # options of an approximator or a rule
+    "scale_number": "-o scale NUMBER",
+    "larger_scale": "-o scale {larger:g}",
+    "auto_scale": "-o scale auto",
+    "by_option": "-o by",
     # curation
     "top": "--top",
     "force": "--force",
