@@ -148,7 +148,8 @@ def export(store: Store, dataset: str, output: str, version: str, parent: str | 
     manifest = out.with_name(out.name.removesuffix(".jsonl") + ".removals.json")
     for path in (out, manifest):
         if path.exists() and not force:
-            raise InfluenceStoreError("{path!r} exists; pass {force} to overwrite it", path=str(path), force="force=True")
+            raise InfluenceStoreError("{path!r} exists; pass {force} to overwrite it", path=str(path),
+                                      force="force=True")
     if not out.parent.is_dir():
         raise InfluenceStoreError(f"folder {str(out.parent)!r} does not exist; create it first")
     run = store.latest_train_run(dataset)

@@ -180,7 +180,8 @@ class Store(StoreConnection, ScoreStore, CurationStore, BlockClaimVerbs):
                 raise InfluenceStoreError(
                     "model version {version!r} was recorded with other weights (sha256 {recorded}, this model "
                     "{given}); register the new model as a new version ({model_version})", version=version_name,
-                    recorded=version.weights_sha256[:12], given=weights_sha256[:12], model_version='model_version="NEW"')
+                    recorded=version.weights_sha256[:12], given=weights_sha256[:12],
+                    model_version='model_version="NEW"')
             if version.dataset_id is None:
                 version.dataset_id = self._dataset_id(s, train_dataset)
             train_id = self._dataset_id(s, train_dataset)

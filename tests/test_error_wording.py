@@ -53,13 +53,15 @@ def test_a_missing_proposal_points_to_the_listing_of_each_reader(tmp_path):
     db = tmp_path / "store.db"
     message = python_error(lambda: review(Store(str(db)), "accept", [999]))
     assert message == "no proposal 999; see store.proposals()"
-    assert cli_error("--db", db, "review", "accept", 999) == "Error: no proposal 999; see `influence-store proposals list`"
+    listing = "Error: no proposal 999; see `influence-store proposals list`"
+    assert cli_error("--db", db, "review", "accept", 999) == listing
 
 
 def test_a_setting_with_a_bad_value_is_named_as_the_reader_would_pass_it(tmp_path):
     store = Store(str(tmp_path / "store.db"))
     assert python_error(lambda: propose(store, 1, top=0)) == "top must be at least 1, got 0"
-    assert cli_error("--db", tmp_path / "store.db", "propose", 1, "--top", 0) == "Error: --top must be at least 1, got 0"
+    flag = cli_error("--db", tmp_path / "store.db", "propose", 1, "--top", 0)
+    assert flag == "Error: --top must be at least 1, got 0"
 
 
 def test_a_missing_store_is_created_by_store_in_python_and_by_init_on_the_cli(tmp_path):
@@ -74,7 +76,8 @@ def messages(path: Path):
     in a source file."""
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "InfluenceStoreError" and node.args:
-            parts = [n.value for n in ast.walk(node.args[0]) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+            strings = [n for n in ast.walk(node.args[0]) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+            parts = [n.value for n in strings]
             yield node.lineno, "".join(parts), {k.arg for k in node.keywords}, isinstance(node.args[0], ast.Constant)
 
 
