@@ -308,7 +308,7 @@ def verify(store: Store, run_id: int, proposal_ids: Sequence[int] | None = None,
     mean test loss (and accuracy when the task defines it). Needs a task with ``fit``: ``task`` itself, or
     ``task_spec``, which must name the run's own task (a store's code is never loaded unasked)."""
     from .phases import QUIET
-    from .runs import example_rows
+    from .task import example_rows
     from .task import load_task
     from .trust import stored_task
 

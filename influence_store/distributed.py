@@ -24,7 +24,7 @@ def _dask():
     return distributed
 
 
-def execute_run_on_dask(store, spec, *, workers: int | None = None, scheduler: str | None = None,
+def execute_run_on_dask(store, spec, settings, *, workers: int | None = None, scheduler: str | None = None,
                         **run_options: Any):
     """Run ``execute_run`` on ``workers`` local single-threaded worker processes (a LocalCluster), or on
     every worker of the Dask cluster at ``scheduler``; returns the run's RunResult."""
@@ -57,7 +57,7 @@ def execute_run_on_dask(store, spec, *, workers: int | None = None, scheduler: s
         raise InfluenceStoreError(f"cannot reach the Dask scheduler {scheduler!r}: {exc}") from None
     try:
         count = workers or max(1, len(client.scheduler_info()["workers"]))
-        futures = [client.submit(run_in_worker, store.url, spec, run_options, pure=False) for _ in range(count)]
+        futures = [client.submit(run_in_worker, store.url, spec, settings, run_options, pure=False) for _ in range(count)]
         results = client.gather(futures)
     finally:
         client.close()
@@ -68,7 +68,7 @@ def execute_run_on_dask(store, spec, *, workers: int | None = None, scheduler: s
     return RunResult(results[0]["run_id"], "done", outcome, time.perf_counter() - started)
 
 
-def run_in_worker(url: str, spec: str, run_options: dict) -> dict:
+def run_in_worker(url: str, spec: str, settings, run_options: dict) -> dict:
     """One Dask task: an ordinary run in this worker process, with single-threaded torch (the workers are
     the parallelism)."""
     import torch
@@ -79,6 +79,6 @@ def run_in_worker(url: str, spec: str, run_options: dict) -> dict:
     torch.set_num_threads(1)
     store = Store(url)
     try:
-        return execute_run(store, spec, **run_options).to_dict()
+        return execute_run(store, spec, settings, **run_options).to_dict()
     finally:
         store.engine.dispose()

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import InfluenceStoreError
 from .phases import QUIET, Phases
 from .leases import DEFAULT_LEASE_SECONDS, BlockLeases
 from .schema import SELF_INFLUENCE_BLOCK
+from .settings import RunSettings
 from .store import Store
-from .task import Task, content_hash, load_task
+from .task import Task, example_rows, load_task
 from .trust import portable_spec, stored_task
 
 
@@ -51,81 +51,50 @@ def weights_sha256(model) -> str:
     return digest.hexdigest()
 
 
-def example_rows(task: Task, split: str) -> list[tuple[str, str, Any, Any]]:
-    """(key, content hash, label, payload) of every example of one split, in order."""
-    rows = []
-    for key, example in zip(task.keys(split), getattr(task, split)):
-        payload = task.describe(example)
-        rows.append((key, content_hash(payload), task.label_of(example), payload))
-    return rows
-
-
-def check_request(test_chunk_size: int | None, memory_budget_mb: float | None, model_version: str | None,
-                  dataset: str | None) -> None:
-    """Settings a run cannot work with fail here, before anything is loaded or stored (never replaced silently)."""
-    if test_chunk_size is not None and (isinstance(test_chunk_size, bool) or test_chunk_size < 1):
-        raise InfluenceStoreError(f"test chunk size must be a positive number of test examples, got {test_chunk_size}")
-    if memory_budget_mb is not None and (isinstance(memory_budget_mb, bool) or not isinstance(
-            memory_budget_mb, (int, float)) or not math.isfinite(memory_budget_mb) or memory_budget_mb <= 0):
-        raise InfluenceStoreError(f"memory budget must be a positive number of MB, got {memory_budget_mb}")
+def check_names(model_version: str | None, dataset: str | None) -> None:
+    """Names a run cannot be stored under fail here, before anything is loaded or stored."""
     for what, name in (("model version", model_version), ("dataset", dataset)):
         if name is not None and not name.strip():
             raise InfluenceStoreError(f"{what} name is empty; give a name or leave it out for the default")
 
 
-def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = None, approximator: str = "lissa",
-                options: dict | None = None, freeze: str = "all", freeze_options: dict | None = None,
-                model_version: str | None = None, dataset: str | None = None, device: str = "cpu", seed: int = 0,
-                dtype: str | None = None, memory_budget_mb: float | None = None, test_chunk_size: int | None = None,
-                self_influence: bool = True, progress: bool = False, resume: int | None = None,
-                allow_removed: bool = False, model_mode: str = "eval", lease_seconds: float = DEFAULT_LEASE_SECONDS,
-                workers: int | None = None, scheduler: str | None = None, phases: Phases | None = None) -> RunResult:
+def execute_run(store: Store, spec: str | Task, settings: RunSettings | None = None, *,
+                task_options: dict | None = None, model_version: str | None = None, dataset: str | None = None,
+                progress: bool = False, resume: int | None = None, allow_removed: bool = False,
+                lease_seconds: float = DEFAULT_LEASE_SECONDS, workers: int | None = None,
+                scheduler: str | None = None, phases: Phases | None = None, **setting_values: Any) -> RunResult:
     """Compute a task's scores into the store (or report/resume the run that already has them).
 
+    ``settings`` (a ``RunSettings``) and keyword settings (``approximator="exact"``, ``options={...}``,
+    ... any ``RunSettings`` field) say what to compute; a resumed run takes its stored settings instead.
     ``progress`` shows bars on a terminal; ``phases`` (e.g. ``Phases()``) names each long step on stderr.
 
     Processes that compute the same run share it: each claims blocks from the store (see leases.py).
     ``workers``/``scheduler`` run that loop on Dask workers instead of in this process (distributed.py).
     """
+    settings = RunSettings.of(settings, **setting_values)
     if workers is not None or scheduler is not None:
         from .distributed import execute_run_on_dask
 
-        return execute_run_on_dask(store, spec, workers=workers, scheduler=scheduler, task_options=task_options,
-                                   approximator=approximator, options=options, freeze=freeze,
-                                   freeze_options=freeze_options, model_version=model_version, dataset=dataset,
-                                   device=device, seed=seed, dtype=dtype, memory_budget_mb=memory_budget_mb,
-                                   test_chunk_size=test_chunk_size, self_influence=self_influence, resume=resume,
-                                   allow_removed=allow_removed, model_mode=model_mode, lease_seconds=lease_seconds)
+        return execute_run_on_dask(store, spec, settings, workers=workers, scheduler=scheduler,
+                                   task_options=task_options, model_version=model_version, dataset=dataset,
+                                   resume=resume, allow_removed=allow_removed, lease_seconds=lease_seconds)
     from .freezing import tracked_parameters
-    from .options import options_to_dict, parse_options
-    from .plugin_manager import lookup
-    from .scoring import compute_scores
+    from .scoring import prepare_scores
 
     started = time.perf_counter()
     phases = phases or QUIET
-    check_request(test_chunk_size, memory_budget_mb, model_version, dataset)
+    check_names(model_version, dataset)
     if resume is not None:
         previous = store.run(resume)
         if previous["status"] == "done" and not isinstance(spec, Task):  # nothing to compute: nothing to load
             if spec not in (None, "-"):
                 stored_task(previous, spec, task_options)  # naming another task is still an error
             return RunResult(previous["id"], "done", "existing", time.perf_counter() - started)
-        # The fingerprint hashes what was asked for (dtype None, chunk size None = automatic), not what it
-        # resolved to, so resume from the stored request; runs stored without one fall back to the settings.
-        asked = previous["settings"].get("requested") or {}
         if not isinstance(spec, Task):  # a Python caller may resume with its own Task object
             spec, task_options = stored_task(previous, spec, task_options)
-        approximator, options = previous["approximator"], previous["options"]
-        freeze, freeze_options = previous["freeze"], previous["freeze_options"]
-        seed, device = previous["seed"], previous["device"]
-        dtype = asked.get("dtype", previous["settings"]["dtype"])
-        test_chunk_size = asked.get("test_chunk_size", previous["settings"]["test_chunk_size"])
-        memory_budget_mb = asked.get("memory_budget_mb", memory_budget_mb)
-        self_influence = asked.get("self_influence", self_influence)
-        model_mode = asked.get("model_mode", "eval")
+        settings = RunSettings.from_run(previous)
         model_version, dataset = previous["model_version"], previous["train_dataset"]
-    if model_mode not in ("eval", "train"):
-        raise InfluenceStoreError(f"unknown model mode {model_mode!r}; use eval or train")
     if isinstance(spec, Task):
         task = spec
     else:
@@ -136,29 +105,14 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
     dataset = dataset or task.name or "dataset"
     train_rows, test_rows = example_rows(task, "train"), example_rows(task, "test")
     weights = weights_sha256(task.model)
-    parsed = options_to_dict(parse_options(lookup("register_approximators", approximator).options_cls, options,
-                                           f"approximator {approximator!r}"))
-    tracked = tracked_parameters(task.model, freeze, freeze_options)
+    settings = settings.resolved()
+    tracked = tracked_parameters(task.model, settings.freeze, settings.freeze_options)
     model_version = model_version or store.version_for_weights(weights) or f"model-{weights[:10]}"
     if not allow_removed:
-        removed = store.removed_in_lineage(model_version)
-        back = [r[0] for r in train_rows if (r[0], r[1]) in removed]
-        if back:
-            proposal = removed[next(k for k in removed if k[0] == back[0])]["id"]
-            raise InfluenceStoreError(
-                "{count} training examples of model version {version!r} were removed by applied proposals "
-                "(e.g. {key!r}, proposal {proposal}); train on the exported data, or pass {allow_removed} to score "
-                "them anyway", count=len(back), version=model_version, key=back[0], proposal=proposal,
-                allow_removed="allow_removed=True")
-    # Stored with the run, so --resume can rebuild the identity.
-    requested = {"dtype": dtype, "test_chunk_size": test_chunk_size, "memory_budget_mb": memory_budget_mb,
-                 "self_influence": self_influence, "model_mode": model_mode}
+        check_not_removed(store, model_version, train_rows)
     identity = {
-        "weights": weights, "model_version": model_version, "approximator": approximator, "options": parsed,
-        "freeze": freeze, "freeze_options": freeze_options or {}, "tracked": tracked, "seed": seed,
-        "device": str(device), "dtype": str(dtype), "l2": task.l2, "memory_budget_mb": memory_budget_mb,
-        "test_chunk_size": test_chunk_size, "self_influence": self_influence, "dataset": dataset,
-        **({"model_mode": model_mode} if model_mode != "eval" else {}),  # eval runs keep their old identity
+        **settings.identity(), "weights": weights, "model_version": model_version, "tracked": tracked,
+        "l2": task.l2, "dataset": dataset,
         "train": hashlib.sha256(json.dumps([r[:2] for r in train_rows]).encode()).hexdigest(),
         "test": hashlib.sha256(json.dumps([r[:2] for r in test_rows]).encode()).hexdigest(),
     }
@@ -171,11 +125,12 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
         return RunResult(existing["id"], "done", "existing", time.perf_counter() - started)
 
     state = store.artifact(existing["id"], APPROXIMATOR_STATE) if existing else None
-    with phases.step(f"preparing {approximator} (losses, gradients, inverse-Hessian setup)"):
-        computation = compute_scores(task, approximator, options, freeze, freeze_options, device=device, seed=seed,
-                                     dtype=dtype, memory_budget_mb=memory_budget_mb,
-                                     test_chunk_size=existing["settings"]["test_chunk_size"] if existing
-                                     else test_chunk_size, progress=progress, model_mode=model_mode,
+    if existing is not None:  # its chunk boundaries are fixed: the size it resolved to when it started
+        computed_with = replace(settings, test_chunk_size=existing["settings"]["test_chunk_size"])
+    else:
+        computed_with = settings
+    with phases.step(f"preparing {settings.approximator} (losses, gradients, inverse-Hessian setup)"):
+        computation = prepare_scores(task, computed_with, tracked=tracked, progress=progress,
                                      approximator_state=state)
     if existing is None:
         run_id = store.create_run(
@@ -183,7 +138,7 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
             test_dataset=f"{dataset}/test", train_rows=train_rows, test_rows=test_rows,
             train_losses=computation.train_losses.tolist(), test_losses=computation.test_losses.tolist(),
             task_spec=spec_text, task_options=task_options or {},
-            settings={**computation.settings, "requested": requested},
+            settings={**computation.settings, "requested": settings.requested()},
             settings_fingerprint=fingerprint, chunks_total=computation.num_chunks)
         status = store.run(run_id)["status"]  # not "pending" when another process created it first
         if status == "done":
@@ -196,9 +151,11 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
         store.save_artifact(run_id, APPROXIMATOR_STATE, fitted)
     leases = BlockLeases(store, run_id, lease_seconds)
     store.start_run(run_id)
-    store.add_blocks(run_id, list(range(computation.num_chunks)) + ([SELF_INFLUENCE_BLOCK] if self_influence else []))
+    blocks = list(range(computation.num_chunks)) + ([SELF_INFLUENCE_BLOCK] if settings.self_influence else [])
+    store.add_blocks(run_id, blocks)
     try:
-        step = f"scoring {computation.num_chunks} test chunks" + (" and self-influence" if self_influence else "")
+        step = f"scoring {computation.num_chunks} test chunks" + (" and self-influence" if settings.self_influence
+                                                                  else "")
         with phases.step(step), leases:
             _compute_claimed_blocks(store, run_id, computation, leases)
     except BaseException as exc:
@@ -210,8 +167,22 @@ def execute_run(store: Store, spec: str | Task, *, task_options: dict | None = N
     seconds = time.perf_counter() - started
     # Loading the task (importing a framework, reading data) is reported apart from computing its scores.
     computation.diagnostics.update(seconds_load=seconds_load, seconds_compute=seconds - seconds_load)
-    store.complete_run(run_id, seconds, computation.diagnostics, self_influence)
+    store.complete_run(run_id, seconds, computation.diagnostics, settings.self_influence)
     return RunResult(run_id, "done", outcome, seconds)
+
+
+def check_not_removed(store: Store, model_version: str, train_rows: list) -> None:
+    """Training examples that an applied proposal removed in this version's lineage are not scored again
+    unless asked for (``allow_removed``): the curated data set is what the version should train on."""
+    removed = store.removed_in_lineage(model_version)
+    back = [key for key, content, *_ in train_rows if (key, content) in removed]
+    if back:
+        proposal = removed[next(k for k in removed if k[0] == back[0])]["id"]
+        raise InfluenceStoreError(
+            "{count} training examples of model version {version!r} were removed by applied proposals "
+            "(e.g. {key!r}, proposal {proposal}); train on the exported data, or pass {allow_removed} to score "
+            "them anyway", count=len(back), version=model_version, key=back[0], proposal=proposal,
+            allow_removed="allow_removed=True")
 
 
 def _compute_claimed_blocks(store: Store, run_id: int, computation, leases: BlockLeases) -> None:
@@ -239,7 +210,7 @@ def _compute_claimed_blocks(store: Store, run_id: int, computation, leases: Bloc
         groups = leases.blocks(grid=computation.chunk_grid)
         for group in _progress(groups, computation.progress, "block groups"):  # how many: up to the others
             chunks = [block for block in group if block != SELF_INFLUENCE_BLOCK]
-            for chunk in computation.chunk_group(chunks) if chunks else []:
+            for chunk in computation.block_chunks(computation.chunk_grid(chunks[0]), chunks) if chunks else []:
                 if pending is not None:
                     pending.result()
                 pending = writer.submit(store_chunk, chunk)

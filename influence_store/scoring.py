@@ -21,8 +21,9 @@ from torch import Tensor
 from .errors import InfluenceStoreError
 from .freezing import tracked_parameters
 from .gradients import TrackedModel
-from .options import options_to_dict, parse_options
+from .options import parse_options
 from .plan import Plan, make_plan, stored_chunk_size
+from .settings import RunSettings
 from .task import Task
 
 LONG_RUN_WORK = 5e7  # parameters x examples above which a run with progress bars prints its plan first
@@ -84,8 +85,8 @@ class ScoreComputation:
         for index in todo:
             blocks.setdefault(self.chunk_grid(index), []).append(index)
         bar = _progress(None, self.progress, "test chunks", total=len(todo))
-        for block in blocks.values():
-            for chunk in self.chunk_group(block):
+        for block, wanted in blocks.items():
+            for chunk in self.block_chunks(block, wanted):
                 if bar is not None:
                     bar.update(1)
                 yield chunk
@@ -120,6 +121,12 @@ class ScoreComputation:
         self.diagnostics["test_blocks_done"] = self.diagnostics.get("test_blocks_done", 0) + 1
         return [ScoreChunk(index, part, rows)
                 for index, part, rows in zip(indices, parts, scores.split([len(part) for part in parts]))]
+
+    def block_chunks(self, block: tuple[int, int], wanted: Sequence[int]) -> list[ScoreChunk]:
+        """The ``wanted`` chunks of one block of the grid, computed with the whole block: a chunk's scores
+        are then the same bits whichever of its block's chunks were stored before (a resumed block)."""
+        wanted = set(wanted)
+        return [chunk for chunk in self.chunk_group(range(block[0], block[1] + 1)) if chunk.index in wanted]
 
     def chunk(self, index: int) -> ScoreChunk:
         """One test chunk's scores."""
@@ -210,35 +217,48 @@ def compute_scores(task: Task, approximator: str = "lissa", options: dict | None
     ``memory_budget_mb`` the budget is a share of the available memory; ``.plan`` says how it is used.
     ``model_mode="train"`` takes training-example gradients in train mode (dropout on, as AllenNLP's
     SimpleInfluence does), from a generator seeded with ``seed``; test gradients and HVPs use eval mode.
+    The keywords are those of ``RunSettings`` (settings.py); ``prepare_scores`` takes one.
     """
+    settings = RunSettings(approximator=approximator, options=options or {}, freeze=freeze,
+                           freeze_options=freeze_options or {}, device=device, seed=seed,
+                           dtype=dtype if not isinstance(dtype, torch.dtype) else str(dtype).replace("torch.", ""),
+                           memory_budget_mb=memory_budget_mb, test_chunk_size=test_chunk_size, model_mode=model_mode)
+    return prepare_scores(task, settings.resolved(), progress=progress, approximator_state=approximator_state)
+
+
+def prepare_scores(task: Task, settings: RunSettings, *, tracked: list[str] | None = None, progress: bool = False,
+                   approximator_state: bytes | None = None) -> ScoreComputation:
+    """``compute_scores`` for resolved settings (``settings.resolved()``) and, when the caller has them,
+    the tracked parameter names."""
     from .plugin_manager import lookup
 
     started = time.perf_counter()
-    entry = lookup("register_approximators", approximator)
-    parsed = parse_options(entry.options_cls, options, f"approximator {approximator!r}")
-    device = _check_device(device)
-    torch_dtype = _dtype(dtype)
-    names = tracked_parameters(task.model, freeze, freeze_options)
-    model = TrackedModel(task, names, device=device, dtype=torch_dtype, memory_budget_mb=memory_budget_mb,
-                         model_mode=model_mode, seed=seed, verbose=progress)
+    entry = lookup("register_approximators", settings.approximator)
+    parsed = parse_options(entry.options_cls, settings.options, f"approximator {settings.approximator!r}")
+    device = _check_device(settings.device)
+    torch_dtype = _dtype(settings.dtype)
+    names = tracked if tracked is not None else tracked_parameters(task.model, settings.freeze,
+                                                                   settings.freeze_options)
+    model = TrackedModel(task, names, device=device, dtype=torch_dtype, memory_budget_mb=settings.memory_budget_mb,
+                         model_mode=settings.model_mode, seed=settings.seed, verbose=progress)
     train_losses = model.losses("train")
     test_losses = model.losses("test")
-    instance = entry.cls(parsed, model, seed=seed)
+    instance = entry.cls(parsed, model, seed=settings.seed)
     if approximator_state is not None:  # what an earlier prepare() fitted for this run
         instance.load_state(approximator_state)
     instance.prepare()
-    chunk = stored_chunk_size(model, test_chunk_size)
-    plan = make_plan(model, instance, chunk, budget_given=memory_budget_mb is not None)
-    settings = {
-        "approximator": approximator,
-        "options": options_to_dict(parsed),
-        "freeze": freeze,
-        "freeze_options": dict(freeze_options or {}),
+    chunk = stored_chunk_size(model, settings.test_chunk_size)
+    plan = make_plan(model, instance, chunk, budget_given=settings.memory_budget_mb is not None)
+    record = {
+        "approximator": settings.approximator,
+        "options": settings.options,
+        "freeze": settings.freeze,
+        "freeze_options": settings.freeze_options,
         "tracked_parameters": names,
         "num_params": model.num_params,
         "tracked_fingerprint": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16],
-        "seed": seed,
-        "model_mode": model_mode,
+        "seed": settings.seed,
+        "model_mode": settings.model_mode,
         "device": str(device),
         "dtype": str(model.dtype).replace("torch.", ""),
         "l2": model.l2,
@@ -249,11 +269,10 @@ def compute_scores(task: Task, approximator: str = "lissa", options: dict | None
         "plan": plan.to_dict(),
         "versions": library_versions(),
     }
-    computation = ScoreComputation(task, model, instance, settings, chunk, progress=progress,
+    computation = ScoreComputation(task, model, instance, record, chunk, progress=progress,
                                    train_losses=train_losses, test_losses=test_losses, _plan=plan)
     computation.diagnostics.update(approximator=instance.diagnostics, grad_notes=model.notes, grad_path=model.grad_path,
-                                   plan=plan.to_dict(),
-                                   seconds_prepare=time.perf_counter() - started)
+                                   plan=plan.to_dict(), seconds_prepare=time.perf_counter() - started)
     if progress and plan.num_params * (plan.n_train + plan.n_test) >= LONG_RUN_WORK:  # before a long run
         print(plan.describe(), file=sys.stderr, flush=True)
     return computation

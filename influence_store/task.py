@@ -186,3 +186,12 @@ def load_task(spec: str, options: dict | None = None) -> Task:
 
         task.name = Path(target.split(":")[0]).name.split(".")[0] or None
     return task
+
+
+def example_rows(task: Task, split: str) -> list[tuple[str, str, Any, Any]]:
+    """(key, content hash, label, payload) of every example of one split, in order."""
+    rows = []
+    for key, example in zip(task.keys(split), getattr(task, split)):
+        payload = task.describe(example)
+        rows.append((key, content_hash(payload), task.label_of(example), payload))
+    return rows

@@ -11,6 +11,7 @@ import click
 
 from .main import cli
 from .output import at_least_one, emit, output_options
+from .run_options import pairs, settings_options
 
 
 def db_option(command):
@@ -53,17 +54,6 @@ def confirm_stored_task(run: dict, named: str | None) -> str | None:
     click.confirm(f"run {run['id']} was computed from task {run['task_spec']!r}{options}; loading it imports and "
                   f"runs that code. Load it?", abort=True, err=True)
     return run["task_spec"]
-
-
-def pairs(values) -> dict:
-    """``-o KEY VALUE`` pairs -> dict; a repeated key collects its values in a list (``-f patterns a -f patterns b``)."""
-    out: dict = {}
-    for key, value in values:
-        if key in out:
-            out[key] = (out[key] if isinstance(out[key], list) else [out[key]]) + [value]
-        else:
-            out[key] = value
-    return out
 
 
 @cli.command()
@@ -155,33 +145,13 @@ def db_backup(db, target):
 @cli.command()
 @db_option
 @click.argument("task_spec")
-@click.option("-a", "--approximator", default="lissa", show_default=True,
-              help="Inverse-HVP approximator (see `influence-store approximators --options`).")
-@click.option("-o", "--option", "options", type=(str, str), multiple=True, metavar="KEY VALUE",
-              help="Approximator option, repeatable: -o damping 0.01.")
-@click.option("--freeze", default="all", show_default=True, help="Freezing policy (see `influence-store policies`).")
-@click.option("-f", "--freeze-option", "freeze_options", type=(str, str), multiple=True, metavar="KEY VALUE",
-              help="Freezing-policy option, repeatable: -f patterns 'encoder.*'.")
+@settings_options
 @click.option("-t", "--task-option", "task_options", type=(str, str), multiple=True, metavar="KEY VALUE",
               help="Task-loader option, repeatable (python tasks: keyword arguments of the function).")
 @click.option("--train-data", default=None, help="Shortcut for -t train_data PATH.")
 @click.option("--test-data", default=None, help="Shortcut for -t test_data PATH.")
 @click.option("--model-version", default=None, help="Model version name (default: one derived from the weights).")
 @click.option("--dataset", default=None, help="Name of the training dataset (default: the task's name).")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
-@click.option("--seed", default=0, show_default=True, type=int,
-              help="Random seed of stochastic approximators (LiSSA's sampling); part of the run's identity.")
-@click.option("--dtype", default=None, type=click.Choice(["float32", "float64"]),
-              help="Compute dtype (default: the model's).")
-@click.option("--memory-budget-mb", default=None, type=float,
-              help="Memory the computation may hold (default: a quarter of the available memory); "
-                   "the plan printed before the run shows how it is used.")
-@click.option("--test-chunk-size", default=None, type=int, help="Test examples per stored chunk.")
-@click.option("--no-self-influence", is_flag=True,
-              help="Skip self-influence of training examples (it costs one inverse-HVP per training example).")
-@click.option("--model-mode", default="eval", show_default=True, type=click.Choice(["eval", "train"]),
-              help="Mode for training-example gradients: train keeps dropout on, as AllenNLP's SimpleInfluence "
-                   "(seeded by --seed, so runs repeat).")
 @click.option("--resume", "resume", type=int, default=None, metavar="RUN",
               help="Resume an interrupted run with its stored settings; TASK_SPEC must be the run's own task "
                    "('-' asks on a terminal before loading the task the store names).")
@@ -196,9 +166,8 @@ def db_backup(db, target):
               help="A block whose process stopped renewing its claim for this long is computed by another.")
 @click.option("--quiet", is_flag=True, help="No progress bars (phase lines with elapsed times still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (and nothing else).")
-def run(db, task_spec, approximator, options, freeze, freeze_options, task_options, train_data, test_data,
-        model_version, dataset, device, seed, dtype, memory_budget_mb, test_chunk_size, no_self_influence,
-        model_mode, resume, allow_removed, workers, scheduler, lease_seconds, quiet, as_json):
+def run(db, task_spec, settings, task_options, train_data, test_data, model_version, dataset, resume, allow_removed,
+        workers, scheduler, lease_seconds, quiet, as_json):
     """Compute every influence score of TASK_SPEC and store it.
 
     TASK_SPEC is FILE.py:FUNCTION, MODULE:FUNCTION, or LOADER:TARGET (e.g. allennlp:model.tar.gz).
@@ -220,14 +189,10 @@ def run(db, task_spec, approximator, options, freeze, freeze_options, task_optio
     if resume is not None and task_spec == "-" and store.run(resume)["status"] != "done":
         task_spec = confirm_stored_task(store.run(resume), task_spec)
     try:
-        result = execute_run(store, task_spec, task_options=task_opts, approximator=approximator,
-                             options=pairs(options), freeze=freeze, freeze_options=pairs(freeze_options),
-                             model_version=model_version, dataset=dataset, device=device, seed=seed, dtype=dtype,
-                             memory_budget_mb=memory_budget_mb, test_chunk_size=test_chunk_size,
-                             self_influence=not no_self_influence, progress=not quiet and not as_json,
-                             resume=resume, allow_removed=allow_removed, model_mode=model_mode, lease_seconds=lease_seconds,
-                             workers=workers, scheduler=scheduler,
-                             phases=Phases(enabled=not as_json))
+        result = execute_run(store, task_spec, settings, task_options=task_opts, model_version=model_version,
+                             dataset=dataset, progress=not quiet and not as_json, resume=resume,
+                             allow_removed=allow_removed, lease_seconds=lease_seconds, workers=workers,
+                             scheduler=scheduler, phases=Phases(enabled=not as_json))
     except UntrustedTaskError as exc:
         raise click.ClickException(f"{exc}: influence-store run {shlex.quote(exc.spec)} --resume {exc.run_id}") \
             from None
