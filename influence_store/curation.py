@@ -62,10 +62,11 @@ def propose(store: Store, run_id: int, rule: str = "harmful", top: int = 50, opt
     from .plugin_manager import lookup
 
     if top < 1:
-        raise InfluenceStoreError(f"--top must be at least 1, got {top}")
+        raise InfluenceStoreError("{top} must be at least 1, got {value}", top="top", value=top)
     run = store.run(run_id)
     if run["status"] != "done":
-        raise InfluenceStoreError(f"run {run_id} is {run['status']}; finish it first (influence-store run --resume {run_id})")
+        raise InfluenceStoreError("run {run_id} is {status}; finish it first ({resume})", run_id=run_id,
+                                  status=run["status"], resume=f"execute_run(store, TASK, resume={run_id})")
     entry = lookup("register_proposal_rules", rule)
     parsed = parse_options(entry.options_cls, options, f"proposal rule {rule!r}")
     taken = store.open_removals(run["train_dataset_id"])
@@ -98,7 +99,8 @@ def apply_decisions(store: Store, decisions: Sequence[tuple[int, str, Any, str |
             raise InfluenceStoreError(f"unknown review action {action!r} for proposal {pid}; use one of "
                                       f"{', '.join(REVIEW_TRANSITIONS)}")
         if pid not in known:
-            raise InfluenceStoreError(f"no proposal {pid}; see `influence-store proposals list`")
+            raise InfluenceStoreError("no proposal {pid}; see {proposals_list}", pid=pid,
+                                      proposals_list="store.proposals()")
         if action == "relabel":
             if new_label is None or new_label == "":
                 raise InfluenceStoreError(f"relabelling proposal {pid} needs the new label")
@@ -146,14 +148,16 @@ def export(store: Store, dataset: str, output: str, version: str, parent: str | 
     manifest = out.with_name(out.name.removesuffix(".jsonl") + ".removals.json")
     for path in (out, manifest):
         if path.exists() and not force:
-            raise InfluenceStoreError(f"{str(path)!r} exists; pass --force to overwrite it")
+            raise InfluenceStoreError("{path!r} exists; pass {force} to overwrite it", path=str(path),
+                                      force="force=True")
     if not out.parent.is_dir():
         raise InfluenceStoreError(f"folder {str(out.parent)!r} does not exist; create it first")
     run = store.latest_train_run(dataset)
     parent = parent or run["model_version"]
     store.version(parent)
     if any(v["name"] == version for v in store.versions()):
-        raise InfluenceStoreError(f"model version {version!r} already exists; name the new version with --version")
+        raise InfluenceStoreError("model version {version!r} already exists; name the new version with {new_version}",
+                                  version=version, new_version='version="NEW"')
     from .task import with_label
 
     accepted = store.proposals(status="accepted", dataset=dataset)
@@ -316,7 +320,8 @@ def verify(store: Store, run_id: int, proposal_ids: Sequence[int] | None = None,
         chosen = store.proposals(ids=proposal_ids)
         missing = set(proposal_ids) - {p["id"] for p in chosen}
         if missing:
-            raise InfluenceStoreError(f"no proposal {sorted(missing)[0]}; see `influence-store proposals list`")
+            raise InfluenceStoreError("no proposal {pid}; see {proposals_list}", pid=sorted(missing)[0],
+                                      proposals_list="store.proposals()")
         wrong = [p["id"] for p in chosen if p["run_id"] != run["id"]]
         if wrong:
             raise InfluenceStoreError(f"proposal {wrong[0]} belongs to another run; verify it with its own run")
@@ -364,17 +369,14 @@ def evaluate(task, model) -> tuple[float, float | None]:
     """Mean test loss (and accuracy when the task defines it) of a model."""
     import torch
 
+    from .gradients import model_in_mode
+
     losses, correct = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(task.test), 512):
-                batch = task.batch("test", range(start, min(start + 512, len(task.test))))
-                losses.append(task.loss(model, batch).double().reshape(-1))
-                if task.accuracy is not None:
-                    correct.append(torch.as_tensor(task.accuracy(model, batch)).double().reshape(-1))
-    finally:
-        model.train(was_training)
+    with torch.no_grad(), model_in_mode(model, training=False):
+        for start in range(0, len(task.test), 512):
+            batch = task.batch("test", range(start, min(start + 512, len(task.test))))
+            losses.append(task.loss(model, batch).double().reshape(-1))
+            if task.accuracy is not None:
+                correct.append(torch.as_tensor(task.accuracy(model, batch)).double().reshape(-1))
     loss = float(torch.cat(losses).mean())
     return loss, (float(torch.cat(correct).mean()) if correct else None)

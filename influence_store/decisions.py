@@ -68,7 +68,8 @@ def _find(row: dict, by_id: dict, proposals: list[dict], where: str) -> dict:
         except ValueError:
             raise InfluenceStoreError(f"{where}: id {row['id']!r} is not a number") from None
         if found is None:
-            raise InfluenceStoreError(f"{where}: no proposal {row['id']}; see `influence-store proposals list`")
+            raise InfluenceStoreError("{where}: no proposal {pid}; see {proposals_list}", where=where, pid=row["id"],
+                                      proposals_list="store.proposals()")
         return found
     key, dataset = row.get("key"), row.get("dataset")
     if not key:

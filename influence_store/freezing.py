@@ -36,7 +36,7 @@ def tracked_parameters(model, policy: str = "all", options: dict | None = None) 
     if unknown:
         raise InfluenceStoreError(f"freezing policy {policy!r} returned unknown parameter names {unknown[:3]}")
     if not names:
-        raise InfluenceStoreError(
-            f"freezing policy {policy!r} leaves zero tracked parameters; loosen its options or use --freeze all")
+        raise InfluenceStoreError("freezing policy {policy!r} leaves zero tracked parameters; loosen its options or "
+                                  "use {freeze_all}", policy=policy, freeze_all='freeze="all"')
     order = {n: i for i, n in enumerate(known)}
     return sorted(dict.fromkeys(names), key=order.__getitem__)

@@ -26,6 +26,17 @@ from .plan import default_budget_mb
 from .task import Task
 
 
+@contextlib.contextmanager
+def model_in_mode(model: torch.nn.Module, training: bool) -> Iterator[None]:
+    """``model`` in train (dropout on) or eval mode for the duration, restoring the caller's mode afterwards."""
+    was_training = model.training
+    model.train(training)
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 class _LossModule(torch.nn.Module):
     """Wraps model + loss so functional_call reparametrizes the model inside the user's loss."""
 
@@ -109,9 +120,7 @@ class TrackedModel:
         seed and ``seed``, so the same call gives the same gradients in every run, and the caller's global
         random state is left as it was.
         """
-        was_training = self.task.model.training
-        self.task.model.train(mode == "train")
-        try:
+        with model_in_mode(self.task.model, training=mode == "train"):
             if mode == "train":
                 devices = [self.device] if self.device.type == "cuda" else []
                 with torch.random.fork_rng(devices=devices):
@@ -119,8 +128,6 @@ class TrackedModel:
                     yield
             else:
                 yield
-        finally:
-            self.task.model.train(was_training)
 
     def chunk_size(self, per_item_floats: int, cap: int = 4096) -> int:
         """How many items of ``per_item_floats`` floats fit the memory budget (with working room)."""

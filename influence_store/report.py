@@ -77,7 +77,7 @@ def write_report(store: Store, run_id: int, output: str, top: int = 10, force: b
     if not path.parent.is_dir():
         raise InfluenceStoreError(f"folder {str(path.parent)!r} does not exist; create it first")
     if path.exists() and not force:
-        raise InfluenceStoreError(f"{output!r} exists; pass --force to overwrite it")
+        raise InfluenceStoreError("{path!r} exists; pass {force} to overwrite it", path=output, force="force=True")
     write_atomic(path, build_report(store, run_id, top))
     return str(path)
 

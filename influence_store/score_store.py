@@ -38,25 +38,19 @@ class ScoreStore:
             raise InfluenceStoreError(f"chunk {chunk_index} of run {run_id} has NaN or infinite scores, so none "
                                       f"were stored; the inverse-HVP is unstable: increase damping")
         self._check_chunk_ids(run_id, test_ids, train_ids)
-        with self.engine.connect() as connection:
-            raw = connection.connection.driver_connection
-            if self.is_sqlite:
-                raw.execute("PRAGMA foreign_keys=OFF")  # ignored inside a transaction, hence before BEGIN
-            try:
-                with connection.begin():
-                    exists = connection.execute(select(RunChunk.chunk_index).where(
-                        RunChunk.run_id == run_id, RunChunk.chunk_index == chunk_index)).first()
-                    if exists is None:
-                        insert = score_layout.insert_sqlite if self.is_sqlite else score_layout.insert_postgresql
-                        insert(raw, run_id, test_ids, train_ids, values)
-                        connection.execute(RunChunk.__table__.insert(), {
-                            "run_id": run_id, "chunk_index": chunk_index, "finished_utc": utcnow()})
-                        seconds = time.perf_counter() - started
-                        connection.execute(update(Run).where(Run.id == run_id).values(
-                            chunks_done=Run.chunks_done + 1, seconds_writing=Run.seconds_writing + seconds))
-            finally:
-                if self.is_sqlite:
-                    raw.execute("PRAGMA foreign_keys=ON")
+        # The driver's own connection writes the blocks (score_layout.py); the ids were checked above, so
+        # SQLite's foreign-key lookups are off for this transaction.
+        with self._write_without_foreign_keys() as connection:
+            exists = connection.execute(select(RunChunk.chunk_index).where(
+                RunChunk.run_id == run_id, RunChunk.chunk_index == chunk_index)).first()
+            if exists is None:
+                insert = score_layout.insert_sqlite if self.is_sqlite else score_layout.insert_postgresql
+                insert(connection.connection.driver_connection, run_id, test_ids, train_ids, values)
+                connection.execute(RunChunk.__table__.insert(), {
+                    "run_id": run_id, "chunk_index": chunk_index, "finished_utc": utcnow()})
+                seconds = time.perf_counter() - started
+                connection.execute(update(Run).where(Run.id == run_id).values(
+                    chunks_done=Run.chunks_done + 1, seconds_writing=Run.seconds_writing + seconds))
         return time.perf_counter() - started
 
     def _check_chunk_ids(self, run_id: int, test_ids: Sequence[int], train_ids: Sequence[int]) -> None:
@@ -96,8 +90,8 @@ class ScoreStore:
         """(train example id, score) for one test example, all training examples."""
         train_ids = self.example_ids(run_id, "train")
         with self.reader.connect() as connection:
-            return [(j, v) for _, row in self._blocks(connection, run_id, [test_example_id])
-                    for j, v in zip(train_ids, row.tolist())]
+            rows = [row for _, row in self._blocks(connection, run_id, [test_example_id])]
+        return [(j, v) for row in rows for j, v in zip(train_ids, row.tolist())]
 
     def score_matrix(self, run_id: int) -> np.ndarray:
         """Every stored score of a run, [n_test, n_train] by position; NaN rows for test examples not stored yet."""
@@ -114,9 +108,12 @@ class ScoreStore:
         train_ids = self.example_ids(run_id, "train")
         with self.reader.connect() as connection:
             rows = [row for _, row in self._blocks(connection, run_id, [test_id])]
-        ranked = score_layout.ranked(rows[0], k) if rows else {side: [] for side in score_layout.SIDES}
-        return self._with_examples(run_id, {side: [{"example_id": train_ids[p], "score": float(rows[0][p])}
-                                                   for p in ranked[side]] for side in score_layout.SIDES})
+        groups: dict[str, list[dict]] = {side: [] for side in score_layout.SIDES}
+        if rows:  # nothing stored yet for this test example: empty sides
+            scores = rows[0]
+            for side, positions in score_layout.ranked(scores, k).items():
+                groups[side] = [{"example_id": train_ids[p], "score": float(scores[p])} for p in positions]
+        return self._with_examples(run_id, groups)
 
     def most_hurt_tests(self, run_id: int, train_example_ids: Sequence[int], k: int) -> dict[int, list[dict]]:
         """Per training example, the ``k`` test examples it hurts most (most negative scores), ties to the
@@ -143,7 +140,7 @@ class ScoreStore:
 
     def aggregate_scores(self, run_id: int) -> list[dict]:
         """Per training example, over the run's test set: sum, mean, min, max and how many test examples it hurts."""
-        with self.session(read=True) as s:
+        with self._session(read=True) as s:
             run = self._get_run(s, run_id)
             rows = s.execute(select(TrainAggregate).where(TrainAggregate.run_id == run.id)
                              .order_by(TrainAggregate.train_example_id)).scalars().all()

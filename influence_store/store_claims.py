@@ -26,7 +26,7 @@ class BlockClaimVerbs:
 
     def add_blocks(self, run_id: int, blocks: Sequence[int]) -> None:
         """Create the claim rows that do not exist yet (a run may have been started before claims existed)."""
-        with self.session() as s:
+        with self._session() as s:
             known = set(s.scalars(select(RunClaim.block).where(RunClaim.run_id == run_id)))
             new = [b for b in blocks if b not in known]
             if new:  # processes that join at once add the same rows: the first one wins, the others skip them
@@ -44,7 +44,7 @@ class BlockClaimVerbs:
         unfinished = (RunClaim.run_id == run_id, RunClaim.finished_utc.is_(None), ~exists().where(
             RunChunk.run_id == RunClaim.run_id, RunChunk.chunk_index == RunClaim.block))
         free = (RunClaim.lease_expires < now,) + (() if within is None else (RunClaim.block.between(*within),))
-        with self.session() as s:
+        with self._session() as s:
             block = s.scalar(select(RunClaim.block).where(*unfinished, *free)
                              .order_by(case((RunClaim.block < 0, 1), else_=0), RunClaim.block).limit(1)
                              .with_for_update(skip_locked=True))
@@ -60,30 +60,30 @@ class BlockClaimVerbs:
 
     def renew_leases(self, run_id: int, owner: str, lease_seconds: float) -> int:
         """Extend this owner's unfinished leases (the heartbeat); returns how many it holds."""
-        with self.session() as s:
+        with self._session() as s:
             return s.execute(update(RunClaim).where(
                 RunClaim.run_id == run_id, RunClaim.owner == owner, RunClaim.finished_utc.is_(None),
                 RunClaim.lease_expires > 0).values(lease_expires=time.time() + lease_seconds)).rowcount
 
     def finish_block(self, run_id: int, block: int) -> None:
-        with self.session() as s:
+        with self._session() as s:
             s.execute(update(RunClaim).where(RunClaim.run_id == run_id, RunClaim.block == block)
                       .values(finished_utc=utcnow()))
 
     def release_blocks(self, run_id: int, owner: str) -> None:
         """Give this owner's unfinished blocks back at once (a process that stops), instead of at lease end."""
-        with self.session() as s:
+        with self._session() as s:
             s.execute(update(RunClaim).where(RunClaim.run_id == run_id, RunClaim.owner == owner,
                                              RunClaim.finished_utc.is_(None)).values(lease_expires=0.0))
 
     def run_workers(self, run_id: int) -> list[str]:
         """Owners (host:pid:token) holding an unexpired lease on an unfinished block of the run."""
-        with self.session(read=True) as s:
+        with self._session(read=True) as s:
             return live_owners(s, run_id)
 
     def complete_run(self, run_id: int, seconds: float, diagnostics: dict, self_influence: bool) -> bool:
         """Mark the run done if every block is stored and nobody did yet; True for the process that did."""
-        with self.session() as s:
+        with self._session() as s:
             run = s.get(Run, run_id, with_for_update=True)  # two finishers: one waits, then sees done
             if run.status == "done":
                 return False

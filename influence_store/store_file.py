@@ -5,7 +5,7 @@ its journal mode: they check here that a store exists at the newest schema and s
 The head revision is read from the migration files' ``revision``/``down_revision`` lines, so the check
 costs a few file reads instead of importing Alembic; ``runs`` lists with plain ``sqlite3`` for the same
 reason (it should start about as fast as ``influence-store --help``). This module is part of the store
-layer: the only other place that speaks SQL is ``store.py``.
+layer: the other places that speak SQL are ``store.py`` and the modules its ``Store`` is built from.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from .errors import InfluenceStoreError
 DEFAULT_DB = "influence-store.db"
 DB_ENV = "INFLUENCE_STORE_DB"
 SQLITE_HEADER = b"SQLite format 3\x00"
+AS_STORE_LOCATION = "as the store location"  # a core message's words for --db (the CLI's: cli/wording.py)
 _REVISION_LINE = re.compile(r"^(down_revision|revision)\s*(?::[^=]+)?=\s*(None|'[^']*'|\"[^\"]*\")", re.M)
 
 
 def default_location() -> str:
-    """Where the store lives when no ``--db`` is given: $INFLUENCE_STORE_DB, else ./influence-store.db."""
+    """Where the store lives when no location is given: $INFLUENCE_STORE_DB, else ./influence-store.db."""
     return os.environ.get(DB_ENV) or DEFAULT_DB
 
 
@@ -75,26 +76,30 @@ def check_revision(current: str | None, location: str) -> None:
     if current == head:
         return
     if current is None:
-        raise InfluenceStoreError(f"{location!r} is not an influence-store database (no schema revision); give "
-                                  f"a store with --db or create one with `influence-store init`")
+        raise InfluenceStoreError("{location!r} is not an influence-store database (no schema revision); give a "
+                                  "store {with_db} or create one with {init}", location=location,
+                                  with_db=AS_STORE_LOCATION, init=f"Store({location!r})")
     if current not in revisions():
         raise InfluenceStoreError(f"store {location!r} has schema revision {current!r}, newer than this "
                                   f"influence-store knows (head {head!r}); upgrade influence-store")
-    raise InfluenceStoreError(f"store {location!r} is at schema {current!r}, older than this influence-store "
-                              f"(head {head!r}); upgrade it with `influence-store db upgrade`")
+    raise InfluenceStoreError("store {location!r} is at schema {current!r}, older than this influence-store "
+                              "(head {head!r}); upgrade it with {db_upgrade}", location=location, current=current,
+                              head=head, db_upgrade=f"Store({location!r})")
 
 
 def check_sqlite_file(path: Path, location: str) -> None:
     """The file exists and is a SQLite database (a read never creates one)."""
     if path.is_dir():
-        raise InfluenceStoreError(f"store path {str(path)!r} is a directory; give a file path with --db")
+        raise InfluenceStoreError("store path {path!r} is a directory; give a file path {with_db}", path=str(path),
+                                  with_db=AS_STORE_LOCATION)
     if not path.exists():
-        raise InfluenceStoreError(f"no store at {location!r}; create one with "
-                                  f"`influence-store init` or give its path with --db")
+        raise InfluenceStoreError("no store at {location!r}; create one with {init} or give its path {with_db}",
+                                  location=location, init=f"Store({location!r})", with_db=AS_STORE_LOCATION)
     with open(path, "rb") as handle:
         header = handle.read(16)
     if header != SQLITE_HEADER:
-        raise InfluenceStoreError(f"{location!r} is not a SQLite database; give an influence-store database with --db")
+        raise InfluenceStoreError("{location!r} is not a SQLite database; give an influence-store database {with_db}",
+                                  location=location, with_db=AS_STORE_LOCATION)
 
 
 def connect_for_reading(location: str | None = None) -> sqlite3.Connection:
@@ -115,8 +120,8 @@ def connect_for_reading(location: str | None = None) -> sqlite3.Connection:
             raise InfluenceStoreError(  # SQLite writes its -wal/-shm files beside the store, even to read
                 f"cannot open store {location!r}: it or its folder is read-only ({exc}); make both writable or "
                 f"copy the store to a writable folder") from None
-        raise InfluenceStoreError(f"cannot open store {location!r}: {exc}; give an influence-store database "
-                                  f"with --db") from None
+        raise InfluenceStoreError("cannot open store {location!r}: {reason}; give an influence-store database "
+                                  "{with_db}", location=location, reason=str(exc), with_db=AS_STORE_LOCATION) from None
     check_revision(current, location)
     return connection
 

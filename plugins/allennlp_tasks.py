@@ -105,8 +105,8 @@ class AllenNLPTaskLoader(TaskLoader):
         test_data = o.test_data or config.get("validation_data_path")
         for split, path in (("train", train_data), ("test", test_data)):
             if not path:
-                raise InfluenceStoreError(
-                    f"archive {target!r} names no {split} data; give --{split}-data PATH (or -t {split}_data PATH)")
+                raise InfluenceStoreError("archive {target!r} names no {split} data; give {data_path}", target=target,
+                                          split=split, data_path=f'task_options={{"{split}_data": PATH}}')
         weight_decay = _weight_decay(config)
         l2 = weight_decay if o.l2 is None else o.l2
         test_reader = archive.validation_dataset_reader if o.use_test_reader else archive.dataset_reader

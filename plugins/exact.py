@@ -44,8 +44,9 @@ class Exact(Approximator):
         p = self.model.num_params
         if p > self.options.max_params:
             raise InfluenceStoreError(
-                f"exact needs a {p}x{p} Hessian, above max_params={self.options.max_params}; use -a lissa, "
-                f"or track fewer parameters with --freeze last-layer / regex / modules")
+                "exact needs a {p}x{p} Hessian, above max_params={max_params}; use {approximator_lissa}, or track "
+                "fewer parameters with {freeze_fewer}", p=p, max_params=self.options.max_params,
+                approximator_lissa='approximator="lissa"', freeze_fewer='freeze="last-layer" / "regex" / "modules"')
         h = self.model.dense_hessian()
         h.diagonal().add_(self.options.damping)
         factor, info = torch.linalg.cholesky_ex(h)

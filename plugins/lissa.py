@@ -118,7 +118,7 @@ class LiSSA(Approximator):
         if not estimate > 0:
             raise InfluenceStoreError(
                 "scale=auto found no positive Hessian eigenvalue; the loss may be flat or non-convex here: "
-                "give -o scale NUMBER")
+                "give {scale_number}", scale_number='options={"scale": NUMBER}')
         return abs(estimate)
 
     def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -189,10 +189,12 @@ class LiSSA(Approximator):
         norms = h.norm(dim=1)
         # Every iterate of a convergent recursion has norm <= (step + 1) |v|; far above that it diverges.
         if not torch.isfinite(norms).all() or (norms > 10 * (step + 1) * v_norm).any():
+            larger = 10 * self.scale
             raise InfluenceStoreError(
-                f"LiSSA diverged at step {step} (estimate norm {float(norms.max()):.3g}); the Hessian's top "
-                f"eigenvalue exceeds scale={self.scale:g}: use a larger scale (e.g. -o scale "
-                f"{10 * self.scale:g}) or -o scale auto")
+                "LiSSA diverged at step {step} (estimate norm {norm:.3g}); the Hessian's top eigenvalue exceeds "
+                "scale={scale:g}: use a larger scale (e.g. {larger_scale}) or {auto_scale}", step=step,
+                norm=float(norms.max()), scale=self.scale, larger=larger,
+                larger_scale=f'options={{"scale": {larger:g}}}', auto_scale='options={"scale": "auto"}')
         trace = self.diagnostics.setdefault("norm_trace", [])
         if len(trace) < 1000 and (step <= 10 or step % max(1, limit // 100) == 0):
             trace.append([step, float((norms / v_norm).mean()) / self.scale])

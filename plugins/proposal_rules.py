@@ -24,7 +24,8 @@ class Harmful(ProposalRule):
 
     def candidates(self, store, run):
         if self.options.by not in ("sum", "mean", "hurts"):
-            raise InfluenceStoreError(f"rule harmful: -o by must be sum, mean or hurts, got {self.options.by!r}")
+            raise InfluenceStoreError("rule harmful: {by_option} must be sum, mean or hurts, got {by!r}",
+                                      by=self.options.by, by_option='options["by"]')
         info = store.run_examples(run["id"], "train")
         rows = [r for r in store.aggregate_scores(run["id"]) if r["sum"] < 0 and r["hurts"] >= self.options.min_hurts]
         if self.options.by == "hurts":
@@ -46,7 +47,8 @@ class SelfInfluence(ProposalRule):
     def candidates(self, store, run):
         rows = store.self_influence(run["id"])
         if not rows:
-            raise InfluenceStoreError(f"run {run['id']} has no self-influence; run again without --no-self-influence")
+            raise InfluenceStoreError("run {run_id} has no self-influence; run again {with_self_influence}",
+                                      run_id=run["id"], with_self_influence="with self_influence=True")
         by_loss = {r["example_id"]: i for i, r in enumerate(sorted(rows, key=lambda r: -r["loss"]), start=1)}
         return [(r["example_id"], {"self_influence": r["self_influence"], "train_loss": r["loss"],
                                    "self_influence_rank": i, "train_loss_rank": by_loss[r["example_id"]]})

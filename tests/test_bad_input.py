@@ -145,7 +145,7 @@ def test_empty_data(task, split):
 
 def test_exact_above_max_params_names_the_ways_out(task):
     one_line_error(lambda: ist.compute_scores(task, approximator="exact", options={"max_params": 30}),
-                   "above max_params=30", "-a lissa", "--freeze")
+                   "above max_params=30", 'approximator="lissa"', 'freeze="last-layer"')
 
 
 # ---------- the CLI: one line, exit code 1, no traceback ----------

@@ -329,7 +329,7 @@ def test_a_folder_that_does_not_exist_is_not_created(tmp_path):
 
 
 def test_opening_without_create_does_not_make_a_store(tmp_path):
-    one_line(lambda: Store(str(tmp_path / "store.db"), create=False), "no store at", "influence-store init")
+    one_line(lambda: Store(str(tmp_path / "store.db"), create=False), "no store at", "create one with Store(")
     assert not (tmp_path / "store.db").exists()
 
 

@@ -8,6 +8,33 @@ from ..errors import InfluenceStoreError
 FLAGS = {
     "allow_removed": "--allow-removed",
     "device": "--device cpu",
+    # where the store is
+    "with_db": "with --db",
+    "db_path": "--db path",
+    "init": "`influence-store init`",
+    "db_upgrade": "`influence-store db upgrade`",
+    # runs
+    "model_version": "--model-version NEW",
+    "run_version": "`influence-store run TASK --model-version {version}`",
+    "resume": "influence-store run --resume {run_id}",
+    "runs_list": "`influence-store runs list`",
+    "approximator_lissa": "-a lissa",
+    "freeze_all": "--freeze all",
+    "freeze_fewer": "--freeze last-layer / regex / modules",
+    "with_self_influence": "without --no-self-influence",
+    "data_path": "--{split}-data PATH (or -t {split}_data PATH)",
+    # options of an approximator or a rule
+    "scale_number": "-o scale NUMBER",
+    "larger_scale": "-o scale {larger:g}",
+    "auto_scale": "-o scale auto",
+    "by_option": "-o by",
+    # curation
+    "top": "--top",
+    "force": "--force",
+    "new_version": "--version",
+    "versions_add": "`influence-store versions add`",
+    "versions_list": "`influence-store versions list`",
+    "proposals_list": "`influence-store proposals list`",
 }
 
 
