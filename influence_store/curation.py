@@ -221,7 +221,8 @@ def compare(store: Store, old: str, new: str, old_run: int | None = None, new_ru
     test_a, test_b = store.run_examples(a["id"], "test"), store.run_examples(b["id"], "test")
     common_test = [e for e in test_a if e in test_b]
     if not common_test:
-        raise InfluenceStoreError(f"runs {a['id']} and {b['id']} share no test examples; compare runs on the same test set")
+        raise InfluenceStoreError(f"runs {a['id']} and {b['id']} share no test examples; compare runs on the same "
+                                  f"test set")
     loss_a = sum(test_a[e]["loss"] for e in common_test) / len(common_test)
     loss_b = sum(test_b[e]["loss"] for e in common_test) / len(common_test)
     applied = store.proposals(status="applied", applied_version=new)
@@ -334,7 +335,8 @@ def verify(store: Store, run_id: int, proposal_ids: Sequence[int] | None = None,
         with phases.step(f"loading task {spec}"):
             task = load_task(spec, options)
     if task.fit is None:
-        raise InfluenceStoreError("the task has no fit(examples) function, so it cannot be retrained; add one to verify")
+        raise InfluenceStoreError("the task has no fit(examples) function, so it cannot be retrained; add one to "
+                                  "verify")
     ids = store.example_ids(run["id"], "train")
     stored = {r[0]: r for r in example_rows(task, "train")}
     examples = store.examples(ids)

@@ -123,7 +123,8 @@ class CurationStore:
             return ids
 
     def proposals(self, ids: Sequence[int] | None = None, status: str | None = None, rule: str | None = None,
-                  run_id: int | None = None, dataset: str | None = None, applied_version: str | None = None) -> list[dict]:
+                  run_id: int | None = None, dataset: str | None = None,
+                  applied_version: str | None = None) -> list[dict]:
         query = (select(Proposal).join(Example, Example.id == Proposal.example_id)
                  .join(Dataset, Dataset.id == Example.dataset_id).order_by(Proposal.id))
         if ids is not None:

@@ -54,7 +54,8 @@ def execute_run_on_dask(run: Callable, store, spec, settings, *, workers: int | 
         raise InfluenceStoreError(f"cannot reach the Dask scheduler {scheduler!r}: {exc}") from None
     try:
         count = workers or max(1, len(client.scheduler_info()["workers"]))
-        futures = [client.submit(run_in_worker, run, store.url, spec, settings, run_options, pure=False) for _ in range(count)]
+        futures = [client.submit(run_in_worker, run, store.url, spec, settings, run_options, pure=False)
+                   for _ in range(count)]
         results = client.gather(futures)
     finally:
         client.close()

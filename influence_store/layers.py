@@ -83,7 +83,9 @@ def patches(x: Tensor, kernel, dilation, padding, stride) -> Tensor:
     for i in range(kernel[0]):
         for j in range(kernel[1]):
             top, left = i * dilation[0], j * dilation[1]
-            piece = x[:, :, top:top + (ho - 1) * stride[0] + 1:stride[0], left:left + (wo - 1) * stride[1] + 1:stride[1]]
+            rows = slice(top, top + (ho - 1) * stride[0] + 1, stride[0])
+            columns = slice(left, left + (wo - 1) * stride[1] + 1, stride[1])
+            piece = x[:, :, rows, columns]
             out[..., i, j] = piece.permute(0, 2, 3, 1)
     return out.reshape(b, ho * wo, c * kernel[0] * kernel[1])
 

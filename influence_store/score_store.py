@@ -135,7 +135,8 @@ class ScoreStore:
         for rows in out.values():
             for row in rows:
                 example = examples[row["example_id"]]
-                row.update(key=example["key"], label=example["label"], loss=tests.get(row["example_id"], {}).get("loss"))
+                loss = tests.get(row["example_id"], {}).get("loss")
+                row.update(key=example["key"], label=example["label"], loss=loss)
         return out
 
     def aggregate_scores(self, run_id: int) -> list[dict]:

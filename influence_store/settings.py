@@ -40,7 +40,8 @@ class RunSettings:
         "lissa", identity=ALWAYS, column=True, flags=("-a", "--approximator"),
         help="Inverse-HVP approximator (see `influence-store approximators --options`).")
     options: dict = setting(  # the approximator's; ``resolved()`` parses and completes them
-        {}, identity=ALWAYS, column=True, flags=("-o", "--option"), help="Approximator option, repeatable: -o damping 0.01.")
+        {}, identity=ALWAYS, column=True, flags=("-o", "--option"),
+        help="Approximator option, repeatable: -o damping 0.01.")
     freeze: str = setting("all", identity=ALWAYS, column=True, flags=("--freeze",),
                           help="Freezing policy (see `influence-store policies`).")
     freeze_options: dict = setting(

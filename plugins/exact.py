@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from influence_store.approximators import Approximator
 from influence_store.errors import InfluenceStoreError
 from influence_store.hookspecs import hookimpl
 from influence_store.options import option
+
+if TYPE_CHECKING:  # torch is imported where it runs, so listing plugins stays fast
+    import torch
 
 
 class Exact(Approximator):

@@ -14,4 +14,5 @@ python3 -m venv .venv
 # AllenNLP set above at the versions pinned there; these are the ones that set lacks.
 .venv/bin/pip install -q --no-deps kronfluence==1.0.1 accelerate==1.10.1 einops==0.8.1 einconv==0.1.0 \
     opt-einsum==3.4.0 psutil==7.1.0 charset-normalizer==3.4.3
+.venv/bin/ruff check .   # the lint rules in pyproject.toml ([tool.ruff])
 .venv/bin/python -m pytest -q "$@"

@@ -229,7 +229,8 @@ def test_live_model_keys_hashes_and_untouched_metrics(data):
     assert task.label_of(task.train[0]) == first["label"]
     assert task.describe(task.train[0])["tokens"] == first["text"].split()
     again = task_from_model(archive.model, plain, data["train"], data["test"])
-    assert [content_hash(task.describe(e)) for e in task.train] == [content_hash(again.describe(e)) for e in again.train]
+    hashes = [content_hash(task.describe(e)) for e in task.train]
+    assert hashes == [content_hash(again.describe(e)) for e in again.train]
 
     accuracy = archive.model._accuracy
     before = (accuracy.correct_count, accuracy.total_count)

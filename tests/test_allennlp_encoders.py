@@ -50,8 +50,9 @@ def archive_for(sentences, encoder, dropout=None):
 def simple_influence(archive, sentences):
     """SimpleInfluence at a deterministic configuration (every LiSSA batch is the whole training set)."""
     loaded = load_archive(archive)
-    interpreter = InfluenceInterpreter.from_archive(loaded, train_data_path=sentences["train"], lissa_batch_size=N_TRAIN,
-                                               damping=0.01, scale=20.0, recursion_depth=DEPTH)
+    interpreter = InfluenceInterpreter.from_archive(loaded, train_data_path=sentences["train"],
+                                                    lissa_batch_size=N_TRAIN, damping=0.01, scale=20.0,
+                                                    recursion_depth=DEPTH)
     outputs = interpreter.interpret_from_file(sentences["test"], k=N_TRAIN)
     position = {id(x.instance): i for i, x in enumerate(interpreter.train_instances)}
     scores = torch.zeros(len(outputs), N_TRAIN, dtype=torch.float64)

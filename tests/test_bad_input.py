@@ -131,7 +131,8 @@ def test_non_finite_loss_names_the_example(task, split, value):
         x, y, ids = batch
         return bce_loss(model, (x, y)) + torch.where(ids == 1003, value, 0.0)
 
-    train, test = with_ids(task.train, 0 if split == "test" else 1000), with_ids(task.test, 1000 if split == "test" else 0)
+    train = with_ids(task.train, 0 if split == "test" else 1000)
+    test = with_ids(task.test, 1000 if split == "test" else 0)
     bad = ist.Task(task.model, loss, train, test, key=lambda example: f"row-{int(example[2])}")
     one_line_error(lambda: ist.compute_scores(bad), f"loss is {value} for {split} example 'row-1003'")
 

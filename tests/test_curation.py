@@ -9,8 +9,6 @@ session-wide ``digits_template`` (exact, computed once); each test works on its 
 
 from __future__ import annotations
 
-import sqlite3
-from contextlib import closing
 from types import SimpleNamespace
 
 import numpy as np

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -163,7 +162,9 @@ def test_a_killed_run_shows_interrupted_then_the_same_command_finishes_it(spec, 
     process.send_signal(signal.SIGKILL)
     process.wait()
 
-    shown = lambda: json.loads(CliRunner().invoke(cli, ["--db", str(db), "runs", "show", "1", "--json"]).stdout)
+    def shown():
+        return json.loads(CliRunner().invoke(cli, ["--db", str(db), "runs", "show", "1", "--json"]).stdout)
+
     wait_for(lambda: shown()["status"] == "interrupted", "the lease to run out", seconds=10)
     assert shown()["workers"] == [] and query(db, "SELECT status FROM runs WHERE id = 1") == [("running",)]
 

@@ -4,7 +4,6 @@ an unfinished run, comparisons of incomparable runs, an export that loses a race
 clear line, exit != 0 and an unchanged store (or the documented behaviour)."""
 
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -144,8 +143,8 @@ def test_a_terminal_user_sees_the_stored_task_and_decides(planted, monkeypatch):
 
 
 def test_naming_the_runs_own_task_resumes_and_verifies(db, spec):
-    sql(db, "DELETE FROM score_blocks WHERE test_example_id IN (SELECT example_id FROM run_examples WHERE split = 'test' "
-            "AND position >= 6)")
+    sql(db, "DELETE FROM score_blocks WHERE test_example_id IN (SELECT example_id FROM run_examples "
+            "WHERE split = 'test' AND position >= 6)")
     sql(db, "DELETE FROM score_extremes WHERE test_example_id IN (SELECT example_id FROM run_examples WHERE "
             "split = 'test' AND position >= 6)")
     sql(db, "DELETE FROM run_chunks WHERE chunk_index >= 1")
@@ -201,7 +200,8 @@ def test_scores_of_an_unfinished_run_need_partial_and_say_how_much(db):
     sql(db, "UPDATE runs SET status = 'running', chunks_done = 1")
     before = snapshot(db)
     for args in ([], ["--test", "0"]):
-        one_line_error(invoke("--db", db, "scores", 1, *args), "run 1 is interrupted, with 1 of 5 test chunks", "--partial")
+        one_line_error(invoke("--db", db, "scores", 1, *args), "run 1 is interrupted, with 1 of 5 test chunks",
+                       "--partial")
     partial = CliRunner().invoke(cli, ["--db", str(db), "scores", "1", "--partial", "--json"])
     assert partial.exit_code == 0 and "warning: run 1 is interrupted, with 1 of 5" in partial.stderr
     assert json.loads(partial.stdout)["run_id"] == 1
@@ -225,8 +225,8 @@ def test_compare_refuses_different_settings_unless_asked_and_the_same_version(db
 
 def test_a_checkpoint_that_is_a_device_fails_instead_of_hanging(db):
     sql(db, "UPDATE model_versions SET checkpoint_path = '/dev/zero', checkpoint_sha256 = 'x'")
-    done = subprocess.run([str(Path(sys.executable).parent / "influence-store"), "--db", str(db), "compare", "v1", "v2"],
-                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent)
+    command = [str(Path(sys.executable).parent / "influence-store"), "--db", str(db), "compare", "v1", "v2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent)
     assert done.returncode == 1 and "is not a regular file" in done.stderr and "Traceback" not in done.stderr
 
 

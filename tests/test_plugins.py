@@ -354,7 +354,8 @@ def test_wrong_hook_arguments_name_the_plugin(tmp_path, fresh_plugins):
 def test_broken_registrations_name_the_plugin(throwaway_plugin, body, message):
     namespace = {}
     exec(f"def register_approximators(register):\n    {body}", namespace)
-    plugin = type("Broken", (), {"register_approximators": staticmethod(ist.hookimpl(namespace["register_approximators"]))})
+    hook = staticmethod(ist.hookimpl(namespace["register_approximators"]))
+    plugin = type("Broken", (), {"register_approximators": hook})
     throwaway_plugin(plugin, "broken-approximators")
     with pytest.raises(ist.InfluenceStoreError, match=rf"plugin 'broken-approximators'.*{re.escape(message)}"):
         plugin_manager.registry("register_approximators")

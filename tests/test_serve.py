@@ -57,7 +57,8 @@ def test_accepting_and_relabelling_on_the_page_store_the_same_decisions_as_the_c
     response = client.post("/reviewer", data={"csrf_token": token, "reviewer": "bo", "next": "/"})
     assert response.status_code == 303
     response = client.post(f"/proposals/{made[0]['id']}/decide",
-                           data={"csrf_token": token, "action": "accept", "note": "flipped", "next": "/?status=proposed"})
+                           data={"csrf_token": token, "action": "accept", "note": "flipped",
+                                 "next": "/?status=proposed"})
     assert response.status_code == 303 and response.headers["Location"] == "/?status=proposed"
     response = client.post(f"/proposals/{made[1]['id']}/decide",
                            data={"csrf_token": token, "action": "relabel", "new_label": "4", "note": "a four"})

@@ -41,7 +41,8 @@ def open_store(db, *, write: bool = False, create: bool = False):
 
 
 def pairs(values) -> dict:
-    """``-o KEY VALUE`` pairs -> dict; a repeated key collects its values in a list (``-f patterns a -f patterns b``)."""
+    """``-o KEY VALUE`` pairs -> dict; a repeated key collects its values in a list
+    (``-f patterns a -f patterns b``)."""
     out: dict = {}
     for key, value in values:
         if key in out:

@@ -25,7 +25,8 @@ def _proposal_rows(proposals: list[dict], fmt: str) -> list[dict]:
 @db_option
 @click.argument("run_id", type=ID)
 @click.option("--rule", default="harmful", show_default=True, help="Proposal rule (see `influence-store rules`).")
-@click.option("--top", default=50, show_default=True, type=int, callback=at_least_one, help="How many proposals to create.")
+@click.option("--top", default=50, show_default=True, type=int, callback=at_least_one,
+              help="How many proposals to create.")
 @click.option("-o", "--option", "options", type=(str, str), multiple=True, metavar="KEY VALUE",
               help="Rule option, repeatable.")
 @click.option("--by", "actor", default=None, help="Who proposes (default: the OS user).")
@@ -204,7 +205,8 @@ def examples_show(db, key, dataset, output, with_task, fmt):
         click.echo(rendering.as_text())
     for h in history:
         si = f", self-influence {h['self_influence']:.4g}" if h["self_influence"] is not None else ""
-        click.echo(f"  run {h['run_id']} ({h['model_version']}, {h['split']} #{h['position']}): loss {h['loss']:.4g}{si}")
+        where = f"run {h['run_id']} ({h['model_version']}, {h['split']} #{h['position']})"
+        click.echo(f"  {where}: loss {h['loss']:.4g}{si}")
 
 
 @click.command()

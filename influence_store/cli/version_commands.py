@@ -43,7 +43,8 @@ def versions_add(db, name, parent, checkpoint, dataset, note, old_notes, fmt):
 @output_options
 def versions_list(db=None, fmt="table"):
     """Every model version with its parent, checkpoint hash and number of runs."""
-    emit(open_store(db).versions(), fmt, ["id", "name", "parent", "dataset", "runs", "checkpoint_sha256", "created_utc"])
+    columns = ["id", "name", "parent", "dataset", "runs", "checkpoint_sha256", "created_utc"]
+    emit(open_store(db).versions(), fmt, columns)
 
 
 @click.command()
@@ -52,7 +53,8 @@ def versions_list(db=None, fmt="table"):
 @click.argument("new")
 @click.option("--old-run", type=ID, default=None, help="Run of OLD to use (default: its newest finished run).")
 @click.option("--new-run", type=ID, default=None, help="Run of NEW to use (default: its newest finished run).")
-@click.option("--top", default=10, show_default=True, type=int, callback=at_least_one, help="How many rank movers to list.")
+@click.option("--top", default=10, show_default=True, type=int, callback=at_least_one,
+              help="How many rank movers to list.")
 @click.option("--allow-different-settings", is_flag=True,
               help="Compare runs made with different approximators, options, freezing or dtype (listed in the output).")
 @output_options
@@ -117,7 +119,8 @@ def verify(db, run_id, proposal_ids, task_spec, task_options, fmt):
     if result["accuracy_before"] is not None:
         acc = f"; accuracy {result['accuracy_before']:.4f} -> {result['accuracy_after']:.4f}"
     relabelled = f", relabelled {result['n_relabelled']}" if result["n_relabelled"] else ""
-    click.echo(f"removed {result['n_removed']}{relabelled}: test loss {result['loss_before']:.6g} -> {result['loss_after']:.6g} "
+    loss = f"test loss {result['loss_before']:.6g} -> {result['loss_after']:.6g}"
+    click.echo(f"removed {result['n_removed']}{relabelled}: {loss} "
                f"(actual {result['actual_loss_change']:+.6g}, predicted {result['predicted_loss_change']:+.6g}"
                f"{' for the removals' if result['n_relabelled'] else ''}){acc}")
 
