@@ -136,8 +136,9 @@ def test_two_dask_workers_into_postgresql_one_killed_mid_run_store_the_single_pr
 
 def test_a_process_that_joined_and_is_interrupted_leaves_the_run_to_the_other(spec, reference, tmp_path):
     db = tmp_path / "shared.db"
-    first, second = start(db, spec, pace="0.1"), start(db, spec, pace="0.1")  # one registers, the other joins
-    # Wait until the second process works on a block of its own, while the first works on another.
+    # One registers the run, the other joins; the second's blocks take seconds each, so it is still busy with
+    # one when it is interrupted, however loaded the machine.
+    first, second = start(db, spec, pace="0.1"), start(db, spec, pace="1.0")
     owners = wait_for(lambda: {pid_of(o) for _, o in held_blocks(db)} >= {first.pid, second.pid} and held_blocks(db),
                       "both processes to hold blocks", [first, second])
     assert len(owners) >= 2
