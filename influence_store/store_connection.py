@@ -231,11 +231,27 @@ class StoreConnection:
         except OperationalError as exc:
             raise InfluenceStoreError(f"cannot upgrade store {self.location!r}: {_reason(exc)}") from None
         if self.is_sqlite:  # set once, when the store is created or upgraded; it persists in the file
-            raw = self.engine.raw_connection()  # outside any transaction: SQLite refuses it inside one
-            try:
-                raw.driver_connection.execute("PRAGMA journal_mode=WAL")
-            finally:
-                raw.close()
+            self._use_wal()
+
+    def _use_wal(self, seconds: float = 60.0) -> None:
+        """Switch the file to WAL. The switch escalates a shared lock to an exclusive one, which SQLite
+        refuses at once (no busy wait) while another process that is creating the same store holds its
+        write lock: so try again until that process is done."""
+        import time
+
+        deadline = time.monotonic() + seconds
+        raw = self.engine.raw_connection()  # outside any transaction: SQLite refuses it inside one
+        try:
+            while True:
+                try:
+                    raw.driver_connection.execute("PRAGMA journal_mode=WAL")
+                    return
+                except sqlite3.OperationalError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        finally:
+            raw.close()
 
     # -- upkeep ----------------------------------------------------------------------------------
 

@@ -146,8 +146,8 @@ def test_a_process_that_joined_and_is_interrupted_leaves_the_run_to_the_other(sp
     assert listed["status"] == "running" and len(listed["workers"]) == 2
 
     second.send_signal(signal.SIGINT)
-    second.communicate(timeout=120)
-    assert second.returncode != 0
+    output = second.communicate(timeout=120)
+    assert second.returncode != 0, output
     # Not "failed": the first process still works on it (or, on a slow machine, has finished it meanwhile).
     assert query(db, "SELECT status, error FROM runs WHERE id = 1") in ([("running", None)], [("done", None)])
 
