@@ -19,15 +19,11 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 from torch.func import functional_call, grad, jvp, vmap
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from .errors import InfluenceStoreError
 from .plan import default_budget_mb
 from .task import Task
-
-# HVPs over at least this many examples go forward-over-reverse: 1.0-1.5x faster there (whole-training-set
-# HVPs of CG, exact, power iteration), while on LiSSA's small batches double backward is up to 1.4x faster.
-FORWARD_HVP_MIN_BATCH = 64
 
 
 @contextlib.contextmanager
@@ -333,10 +329,10 @@ class TrackedModel:
 
     def _hvp_sum(self, vectors: Tensor, batch: Any) -> Tensor:
         """Sum over the batch's examples of ``H_i v`` for every row of ``vectors``: forward-over-reverse
-        (``jvp`` of ``grad``, vmapped over the vectors) on large batches where torch.func traces the model,
-        else double backward with every vector through one graph. The choice depends only on the batch
-        and the model, never on timings, so a run repeats bit for bit (docs/engine.md, "Curvature")."""
-        if self.hvp_strategy == "forward-over-reverse" and _batch_size(batch) >= FORWARD_HVP_MIN_BATCH:
+        (``jvp`` of ``grad``, vmapped over the vectors) where torch.func traces the model, else double
+        backward with every vector through one graph. The choice depends only on the model, never on
+        timings, so a run repeats bit for bit (docs/engine.md, "Curvature")."""
+        if self.hvp_strategy == "forward-over-reverse":
             try:
                 return self._hvp_sum_forward(vectors, batch)
             except InfluenceStoreError:
@@ -385,11 +381,6 @@ class TrackedModel:
 
     def num_batches(self, batch_size: int) -> int:
         return math.ceil(len(self.task.train) / batch_size)
-
-
-def _batch_size(batch: Any) -> int:
-    tensors = [t for t in tree_flatten(batch)[0] if isinstance(t, Tensor) and t.dim() > 0]
-    return len(tensors[0]) if tensors else 0
 
 
 def _first_line(exc: Exception) -> str:
