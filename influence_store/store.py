@@ -31,6 +31,7 @@ from .store_claims import BlockClaimVerbs, live_owners
 from .store_connection import (CREATE_RUN_LOCK, MIGRATION_LOCK, StoreConnection, _alembic_config,  # noqa: F401
                                _reason, database_url, head_revision)
 from .store_file import DB_ENV, DEFAULT_DB, default_location, sqlite_path  # noqa: F401  (re-exported)
+from .task import PayloadJSON
 
 RUN_JSON_COLUMNS = ("options_json", "freeze_options_json", "versions_json", "settings_json", "diagnostics_json",
                     "task_options_json")
@@ -70,7 +71,7 @@ class Store(StoreConnection, ScoreStore, CurationStore, BlockClaimVerbs):
         if new:
             s.execute(Example.__table__.insert(), [
                 {"dataset_id": dataset_id, "key": key, "content_hash": content_hash,
-                 "label_json": json.dumps(label), "payload_json": json.dumps(payload)}
+                 "label_json": json.dumps(label), "payload_json": _payload_json(payload)}
                 for key, content_hash, label, payload in new])
             existing = {(key, content_hash): i for i, key, content_hash in s.execute(stored)}
         return [existing[(key, content_hash)] for key, content_hash, _, _ in rows]
@@ -347,3 +348,8 @@ def _run_dict(run: Run, s: Session | None = None) -> dict:
         if run.status == "running" and not out["workers"]:
             out["status"] = "interrupted"  # no process holds a live lease on it: they all died or were killed
     return out
+
+
+def _payload_json(payload: Any) -> str:
+    """A row's payload as stored: already-encoded descriptions as they are, anything else encoded here."""
+    return payload if isinstance(payload, PayloadJSON) else json.dumps(payload)

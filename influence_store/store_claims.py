@@ -14,7 +14,7 @@ import json
 import time
 from typing import Sequence
 
-from sqlalchemy import case, exists, func, select, update
+from sqlalchemy import case, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -39,7 +39,7 @@ class BlockClaimVerbs:
                     within: tuple[int, int] | None = None) -> tuple[int | None, float | None]:
         """Claim the next free block (``within`` an inclusive range, if given): ``(block, None)``;
         ``(None, seconds)`` when every unfinished block is leased by others (the soonest lease ends in
-        ``seconds``); ``(None, None)`` when all are finished."""
+        ``seconds``); ``(None, None)`` when all are finished or the rest are this owner's own."""
         now = time.time()
         unfinished = (RunClaim.run_id == run_id, RunClaim.finished_utc.is_(None), ~exists().where(
             RunChunk.run_id == RunClaim.run_id, RunChunk.chunk_index == RunClaim.block))
@@ -55,7 +55,9 @@ class BlockClaimVerbs:
                 s.execute(update(Run).where(Run.id == run_id, Run.status.in_(("pending", "failed")))
                           .values(status="running", error=None))
                 return block, None
-            soonest = s.scalar(select(func.min(RunClaim.lease_expires)).where(*unfinished))
+            # Blocks this owner holds are its own to finish (computed, perhaps being written): not a reason to wait.
+            others = or_(RunClaim.owner.is_(None), RunClaim.owner != owner)
+            soonest = s.scalar(select(func.min(RunClaim.lease_expires)).where(*unfinished, others))
             return None, (None if soonest is None else max(0.0, soonest - now))
 
     def renew_leases(self, run_id: int, owner: str, lease_seconds: float) -> int:

@@ -144,9 +144,18 @@ def to_jsonable(value: Any) -> Any:
 _PLAIN = {str, int, float, bool}
 
 
+class PayloadJSON(str):
+    """An example's description as canonical JSON text: encoded once, then hashed and stored as it is
+    (encoding tens of thousands of examples is a visible share of a run)."""
+
+    @classmethod
+    def of(cls, description: Any) -> PayloadJSON:
+        return cls(json.dumps(description, sort_keys=True, separators=(",", ":"), default=repr))
+
+
 def content_hash(description: Any) -> str:
     """sha256 of an example's canonical JSON description: the same content gives the same hash."""
-    text = json.dumps(description, sort_keys=True, separators=(",", ":"), default=repr)
+    text = description if isinstance(description, PayloadJSON) else PayloadJSON.of(description)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -189,9 +198,10 @@ def load_task(spec: str, options: dict | None = None) -> Task:
 
 
 def example_rows(task: Task, split: str) -> list[tuple[str, str, Any, Any]]:
-    """(key, content hash, label, payload) of every example of one split, in order."""
+    """(key, content hash, label, payload) of every example of one split, in order; the payload is its
+    description already encoded (``PayloadJSON``)."""
     rows = []
     for key, example in zip(task.keys(split), getattr(task, split)):
-        payload = task.describe(example)
+        payload = PayloadJSON.of(task.describe(example))
         rows.append((key, content_hash(payload), task.label_of(example), payload))
     return rows
