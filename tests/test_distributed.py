@@ -68,7 +68,10 @@ def start(db, spec, *extra, pace="0.01"):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-c", "from influence_store.cli import main; main()", "--db", str(db), "run", spec,
                *ARGS, "-t", "pace", pace, *extra]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as on a terminal, even where the test runner was started with SIGINT ignored (which children
+    # inherit, and Python then installs no KeyboardInterrupt handler).
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def query(db, sql: str) -> list[tuple]:
