@@ -25,6 +25,20 @@ def output_options(command):
     return wrapper
 
 
+def listing_group(name: str, help: str) -> click.Group:
+    """A noun's group that lists when called alone (``runs`` = ``runs list``, with --json/--csv too);
+    its ``list`` subcommand is added to it like any other."""
+
+    @click.group(name, invoke_without_command=True, help=help)
+    @output_options
+    @click.pass_context
+    def group(ctx, fmt):
+        if ctx.invoked_subcommand is None:
+            ctx.invoke(group.commands["list"], as_json=fmt == "json", as_csv=fmt == "csv")
+
+    return group
+
+
 def at_least_one(ctx, param, value):
     """``--top`` and friends: the same one-line error (exit 1) in every command."""
     if value is not None and value < 1:

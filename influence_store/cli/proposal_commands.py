@@ -7,7 +7,7 @@ from __future__ import annotations
 import click
 
 from .common import ID, db_option, open_store, pairs
-from .output import at_least_one, emit, output_options
+from .output import listing_group, at_least_one, emit, output_options
 
 PROPOSAL_COLUMNS = ["id", "run_id", "rule", "rank", "key", "label", "status", "reviewer", "evidence", "outcome",
                     "new_label", "note"]
@@ -42,13 +42,8 @@ def propose(db, run_id, rule, top, options, actor, fmt):
     emit(_proposal_rows(created, fmt), fmt, PROPOSAL_COLUMNS)
 
 
-@click.group(invoke_without_command=True)
-@output_options
-@click.pass_context
-def proposals(ctx, fmt):
-    """List removal proposals (`proposals` = `proposals list`, with --json/--csv too), or show one."""
-    if ctx.invoked_subcommand is None:
-        ctx.invoke(proposals_list, as_json=fmt == "json", as_csv=fmt == "csv")
+proposals = listing_group("proposals", "List removal proposals (`proposals` = `proposals list`, with --json/--csv "
+                                        "too), or show one.")
 
 
 @proposals.command("list")

@@ -9,7 +9,7 @@ import shlex
 import click
 
 from .common import confirm_stored_task, db_option, open_store, pairs, stdin_is_terminal
-from .output import at_least_one, emit, output_options
+from .output import listing_group, at_least_one, emit, output_options
 from .run_options import settings_options
 
 
@@ -160,13 +160,7 @@ def run(db, task_spec, settings, task_options, train_data, test_data, model_vers
     click.echo(f"run {result.run_id} {words[result.outcome]} in {store.location}")
 
 
-@click.group(invoke_without_command=True)
-@output_options
-@click.pass_context
-def runs(ctx, fmt):
-    """List runs (`runs` = `runs list`, with --json/--csv too), or show one."""
-    if ctx.invoked_subcommand is None:
-        ctx.invoke(runs_list, as_json=fmt == "json", as_csv=fmt == "csv")
+runs = listing_group("runs", "List runs (`runs` = `runs list`, with --json/--csv too), or show one.")
 
 
 RUN_COLUMNS = ["id", "status", "model_version", "approximator", "freeze", "n_train", "n_test", "chunks_done",

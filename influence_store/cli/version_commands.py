@@ -9,16 +9,11 @@ import click
 
 from ..errors import InfluenceStoreError
 from .common import ID, confirm_stored_task, db_option, open_store, pairs, stdin_is_terminal
-from .output import at_least_one, emit, output_options
+from .output import listing_group, at_least_one, emit, output_options
 
 
-@click.group(invoke_without_command=True)
-@output_options
-@click.pass_context
-def versions(ctx, fmt):
-    """Model versions: register and list (`versions` = `versions list`, with --json/--csv too)."""
-    if ctx.invoked_subcommand is None:
-        ctx.invoke(versions_list, as_json=fmt == "json", as_csv=fmt == "csv")
+versions = listing_group("versions", "Model versions: register and list (`versions` = `versions list`, with "
+                                      "--json/--csv too).")
 
 
 @versions.command("add")
