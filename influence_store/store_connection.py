@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from .errors import InfluenceStoreError
 from .schema import Dataset, Example, ModelVersion, Proposal, Run, ScoreBlock, Verification
-from .store_file import AS_STORE_LOCATION, SQLITE_HEADER, default_location, sqlite_path
+from .store_file import AS_STORE_LOCATION, check_sqlite_file, default_location, sqlite_path
 
 MIGRATION_LOCK, CREATE_RUN_LOCK = 7_310_001, 7_310_002  # PostgreSQL advisory lock keys of influence-store
 
@@ -92,19 +92,9 @@ class StoreConnection:
 
     def _check_sqlite_path(self, create: bool) -> None:
         path = self.path
-        if path.is_dir():
-            raise InfluenceStoreError("store path {path!r} is a directory; give a file path {with_db}",
-                                      path=str(path), with_db=AS_STORE_LOCATION)
+        check_sqlite_file(path, str(path), create=create)
         if path.exists():
-            with open(path, "rb") as handle:
-                header = handle.read(16)
-            if header and header != SQLITE_HEADER:
-                raise InfluenceStoreError("{path!r} is not a SQLite database; give a new path or an influence-store "
-                                          "database {with_db}", path=str(path), with_db=AS_STORE_LOCATION)
             return
-        if not create:
-            raise InfluenceStoreError("no store at {path!r}; create one with {init} or give its path {with_db}",
-                                      path=str(path), init=f"Store({str(path)!r})", with_db=AS_STORE_LOCATION)
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.is_dir():
             raise InfluenceStoreError(f"cannot create store {str(path)!r}: folder {str(parent)!r} does not exist")

@@ -87,19 +87,22 @@ def check_revision(current: str | None, location: str) -> None:
                               head=head, db_upgrade=f"Store({location!r})")
 
 
-def check_sqlite_file(path: Path, location: str) -> None:
-    """The file exists and is a SQLite database (a read never creates one)."""
+def check_sqlite_file(path: Path, location: str, *, create: bool = False) -> None:
+    """The path is a SQLite database, or (``create``) nothing yet or an empty file that can become one.
+    A read never creates a store: without ``create`` a missing file is an error."""
     if path.is_dir():
         raise InfluenceStoreError("store path {path!r} is a directory; give a file path {with_db}", path=str(path),
                                   with_db=AS_STORE_LOCATION)
     if not path.exists():
+        if create:
+            return
         raise InfluenceStoreError("no store at {location!r}; create one with {init} or give its path {with_db}",
                                   location=location, init=f"Store({location!r})", with_db=AS_STORE_LOCATION)
     with open(path, "rb") as handle:
         header = handle.read(16)
-    if header != SQLITE_HEADER:
-        raise InfluenceStoreError("{location!r} is not a SQLite database; give an influence-store database {with_db}",
-                                  location=location, with_db=AS_STORE_LOCATION)
+    if header != SQLITE_HEADER and (header or not create):
+        raise InfluenceStoreError("{location!r} is not a SQLite database; give a new path or an influence-store "
+                                  "database {with_db}", location=location, with_db=AS_STORE_LOCATION)
 
 
 def connect_for_reading(location: str | None = None) -> sqlite3.Connection:
