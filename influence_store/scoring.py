@@ -21,7 +21,6 @@ from torch import Tensor
 from .errors import InfluenceStoreError
 from .freezing import tracked_parameters
 from .gradients import TrackedModel
-from .options import parse_options
 from .plan import Plan, make_plan, stored_chunk_size
 from .settings import RunSettings
 from .task import Task
@@ -232,11 +231,8 @@ def prepare_scores(task: Task, settings: RunSettings, *, tracked: list[str] | No
                    approximator_state: bytes | None = None) -> ScoreComputation:
     """``compute_scores`` for resolved settings (``settings.resolved()``) and, when the caller has them,
     the tracked parameter names."""
-    from .plugin_manager import lookup
-
     started = time.perf_counter()
-    entry = lookup("register_approximators", settings.approximator)
-    parsed = parse_options(entry.options_cls, settings.options, f"approximator {settings.approximator!r}")
+    entry, parsed = settings.approximator_plugin()
     device = _check_device(settings.device)
     torch_dtype = _dtype(settings.dtype)
     names = tracked if tracked is not None else tracked_parameters(task.model, settings.freeze,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 from .errors import InfluenceStoreError
@@ -88,14 +88,19 @@ class RunSettings:
         values.update({f.name: asked[f.name] for f in fields(cls) if f.name in asked})
         return cls(**values)
 
-    def resolved(self) -> RunSettings:
-        """With the approximator's options parsed and completed (unknown names and bad values fail here)."""
-        from .options import options_to_dict, parse_options
+    def approximator_plugin(self) -> tuple[Any, Any]:
+        """The approximator's registry entry and its parsed options (unknown names and bad values fail here)."""
+        from .options import parse_options
         from .plugin_manager import lookup
 
         entry = lookup("register_approximators", self.approximator)
-        parsed = parse_options(entry.options_cls, self.options, f"approximator {self.approximator!r}")
-        return replace(self, options=options_to_dict(parsed))
+        return entry, parse_options(entry.options_cls, self.options, f"approximator {self.approximator!r}")
+
+    def resolved(self) -> RunSettings:
+        """With the approximator's options parsed and completed, as they are stored and fingerprinted."""
+        from .options import options_to_dict
+
+        return replace(self, options=options_to_dict(self.approximator_plugin()[1]))
 
     def requested(self) -> dict[str, Any]:
         """What the ``runs`` table has no column for, stored with the run so ``--resume`` can rebuild it."""
@@ -106,13 +111,10 @@ class RunSettings:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.metadata["identity"] == UNLESS_DEFAULT and value == _default(f):
+            if f.metadata["identity"] == UNLESS_DEFAULT and value == default_of(f):
                 continue
             out[f.name] = str(value) if f.name in ("device", "dtype") else value
         return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def _check(self) -> None:
         """Values a run cannot work with fail before anything is loaded or stored (never replaced silently)."""
@@ -133,5 +135,6 @@ def names() -> list[str]:
     return [f.name for f in fields(RunSettings)]
 
 
-def _default(f) -> Any:
-    return f.default_factory() if callable(f.default_factory) else f.default
+def default_of(f) -> Any:
+    """A RunSettings field's default value (a fresh one for dicts)."""
+    return f.default_factory() if f.default_factory is not MISSING else f.default

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import MISSING, fields
+from dataclasses import fields
 
 import click
 
-from ..settings import RunSettings
+from ..settings import RunSettings, default_of
 from .common import pairs
 
 
@@ -26,7 +26,7 @@ def settings_options(function):
 
 
 def _option(f) -> dict:
-    meta, default = f.metadata, _default(f)
+    meta, default = f.metadata, default_of(f)
     if isinstance(default, dict):
         return {"type": (str, str), "multiple": True, "metavar": "KEY VALUE", "help": meta["help"]}
     if isinstance(default, bool):  # a setting that is on by default is switched off by its --no-... flag
@@ -40,13 +40,9 @@ def _option(f) -> dict:
 
 
 def _from_option(f, value):
-    default = _default(f)
+    default = default_of(f)
     if isinstance(default, dict):
         return pairs(value)
     if isinstance(default, bool):
         return default != value  # the flag given means "not the default"
     return value
-
-
-def _default(f):
-    return f.default_factory() if f.default_factory is not MISSING else f.default
