@@ -46,13 +46,10 @@ def digits_template(tmp_path_factory):
 @pytest.fixture
 def digits_store(digits_template, tmp_path, monkeypatch):
     """A private copy of the digits template store, also set as $INFLUENCE_STORE_DB. Returns (Store, run_id)."""
-    import sqlite3
-
     from influence_store.store import Store
+    from stored import copy_store
 
     source, run_id = digits_template
-    target = tmp_path / "digits.db"
-    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
-        src.backup(dst)
+    target = copy_store(source, tmp_path / "digits.db")
     monkeypatch.setenv("INFLUENCE_STORE_DB", str(target))
     return Store(str(target)), run_id

@@ -31,3 +31,10 @@ def sql(path, query: str, *params) -> list[tuple]:
     connect = connect_with_scores if re.search(r"\bscores\b", query) else sqlite3.connect
     with closing(connect(str(path))) as connection:
         return connection.execute(query, params).fetchall()
+
+
+def copy_store(source, target):
+    """A private copy of a store: sqlite's backup API, a consistent snapshot even in WAL mode."""
+    with closing(sqlite3.connect(str(source))) as src, closing(sqlite3.connect(str(target))) as dst:
+        src.backup(dst)
+    return target

@@ -13,9 +13,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
-import sqlite3
 import time
-from contextlib import closing
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -128,10 +126,8 @@ def scored(tmp_path_factory):
 
 @pytest.fixture
 def s(scored, tmp_path):
-    """A private copy of the scored store (sqlite's backup API: a consistent snapshot even in WAL mode)."""
-    db = tmp_path / "curation.db"
-    with closing(sqlite3.connect(scored.db)) as source, closing(sqlite3.connect(db)) as target:
-        source.backup(target)
+    """A private copy of the scored store."""
+    db = stored.copy_store(scored.db, tmp_path / "curation.db")
     return SimpleNamespace(db=db, spec=scored.spec, tmp=tmp_path)
 
 

@@ -17,6 +17,7 @@ from influence_store.cli import store_commands
 from influence_store.cli.main import cli
 from influence_store.errors import InfluenceStoreError
 from influence_store.store import Store
+from stored import copy_store
 
 SPEC = '''
 import torch
@@ -79,10 +80,7 @@ def template(spec, tmp_path_factory):
 
 @pytest.fixture
 def db(template, tmp_path):
-    target = tmp_path / "store.db"
-    with sqlite3.connect(template) as src, sqlite3.connect(target) as dst:
-        src.backup(dst)
-    return target
+    return copy_store(template, tmp_path / "store.db")
 
 
 # ---------- settings that were replaced silently ----------

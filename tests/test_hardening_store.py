@@ -20,6 +20,7 @@ import influence_store.cli.commands  # noqa: F401  (attaches the built-in comman
 from influence_store import store_file
 from influence_store.cli.main import cli
 from influence_store.store import Store, _alembic_config
+from stored import copy_store
 
 SPEC = '''
 import torch
@@ -69,10 +70,7 @@ def template(tmp_path_factory):
 
 @pytest.fixture
 def db(template, tmp_path):
-    target = tmp_path / "store.db"
-    with sqlite3.connect(template) as src, sqlite3.connect(target) as dst:
-        src.backup(dst)
-    return target
+    return copy_store(template, tmp_path / "store.db")
 
 
 # ---------- reads never create or migrate ----------
