@@ -98,6 +98,7 @@ def execute_run(store: Store, spec: str | Task, settings: RunSettings | None = N
             spec, task_options = stored_task(previous, spec, task_options)
         settings = RunSettings.from_run(previous)
         model_version, dataset = previous["model_version"], previous["train_dataset"]
+    settings = settings.resolved()  # an unknown approximator or a bad option fails before the task loads
     if isinstance(spec, Task):
         task = spec
     else:
@@ -108,7 +109,6 @@ def execute_run(store: Store, spec: str | Task, settings: RunSettings | None = N
     dataset = dataset or task.name or "dataset"
     train_rows, test_rows = example_rows(task, "train"), example_rows(task, "test")
     weights = weights_sha256(task.model)
-    settings = settings.resolved()
     tracked = tracked_parameters(task.model, settings.freeze, settings.freeze_options)
     model_version = model_version or store.version_for_weights(weights) or f"model-{weights[:10]}"
     if not allow_removed:
