@@ -180,18 +180,21 @@ class ScoreBlock(Base):
 
 
 class ScoreExtreme(Base):
-    """Per test example, its most helpful and most harmful training examples, ranked (rank 1 = strongest)."""
+    """Per test example, its most helpful and most harmful training examples, ranked (rank 1 = strongest).
+
+    No foreign keys: the rows are derived from a chunk whose ids the writer checked, and PostgreSQL would
+    check every key of every row with a trigger query (migration 0007)."""
 
     __tablename__ = "score_extremes"
     __table_args__ = (PrimaryKeyConstraint("run_id", "test_example_id", "side", "rank"),
                       CheckConstraint("side IN ('helpful', 'harmful')", name="side"),
                       {"sqlite_with_rowid": False})
 
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
-    test_example_id: Mapped[int] = mapped_column(ForeignKey("examples.id"))
+    run_id: Mapped[int] = mapped_column(Integer)
+    test_example_id: Mapped[int] = mapped_column(Integer)
     side: Mapped[str] = mapped_column(String(7))
     rank: Mapped[int] = mapped_column(Integer)
-    train_example_id: Mapped[int] = mapped_column(ForeignKey("examples.id"))
+    train_example_id: Mapped[int] = mapped_column(Integer)
     score: Mapped[float] = mapped_column(Float)
 
 

@@ -22,6 +22,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .errors import InfluenceStoreError
+
 EXTREMES_PER_SIDE = 100
 SIDES = ("helpful", "harmful")
 
@@ -92,14 +94,15 @@ AGGREGATE_COLUMNS = "run_id, train_example_id, n_test, sum_score, min_score, max
 EXTREME_COLUMNS = "run_id, test_example_id, side, rank, train_example_id, score"
 
 
+_ADD_AGGREGATES = ("n_test = {old}.n_test + {new}.n_test, sum_score = {old}.sum_score + {new}.sum_score, "
+                   "min_score = {least}({old}.min_score, {new}.min_score), "
+                   "max_score = {greatest}({old}.max_score, {new}.max_score), hurts = {old}.hurts + {new}.hurts")
+
+
 def _upsert_aggregates(source: str, least: str, greatest: str) -> str:
     return (f"INSERT INTO train_aggregates ({AGGREGATE_COLUMNS}) {source} "
             f"ON CONFLICT (run_id, train_example_id) DO UPDATE SET "
-            f"n_test = train_aggregates.n_test + excluded.n_test, "
-            f"sum_score = train_aggregates.sum_score + excluded.sum_score, "
-            f"min_score = {least}(train_aggregates.min_score, excluded.min_score), "
-            f"max_score = {greatest}(train_aggregates.max_score, excluded.max_score), "
-            f"hurts = train_aggregates.hurts + excluded.hurts")
+            + _ADD_AGGREGATES.format(old="train_aggregates", new="excluded", least=least, greatest=greatest))
 
 
 def insert_sqlite(raw: sqlite3.Connection, run_id: int, test_ids: Sequence[int], train_ids: Sequence[int],
@@ -139,19 +142,37 @@ def copy_payload(columns: list[np.ndarray]) -> bytes:
 
 def insert_postgresql(raw, run_id: int, test_ids: Sequence[int], train_ids: Sequence[int],
                       values: np.ndarray) -> None:
-    """Write one chunk through a psycopg 3 connection with binary ``COPY`` (inside the caller's transaction)."""
+    """Write one chunk through a psycopg 3 connection with binary ``COPY`` (inside the caller's transaction).
+
+    Every chunk covers all of the run's training examples, so the first chunk stored inserts every
+    ``train_aggregates`` row of the run in one transaction, and each later chunk is a plain ``UPDATE``
+    joined to the chunk's copied rows: cheaper than an upsert probing for conflicts row by row."""
     encoding, matrix = encode(values)
     blobs = np.ascontiguousarray(matrix).view(f"V{matrix.shape[1] * matrix.itemsize}").ravel()
     blocks = [np.full(len(blobs), run_id), np.asarray(test_ids, dtype=np.int64),
               np.full(len(blobs), encoding, dtype="S3"), blobs]
     with raw.cursor() as cursor:
-        cursor.execute("CREATE TEMPORARY TABLE IF NOT EXISTS chunk_aggregates (run_id int4, train_example_id int4, "
-                       "n_test int4, sum_score float8, min_score float8, max_score float8, hurts int4) "
-                       "ON COMMIT DELETE ROWS")
+        cursor.execute("SELECT to_regclass('pg_temp.chunk_aggregates') IS NOT NULL, "
+                       "EXISTS (SELECT 1 FROM train_aggregates WHERE run_id = %s)", (run_id,))
+        has_table, first_chunk_stored = cursor.fetchone()
+        if not has_table:  # once per session (a temporary table, emptied at each commit)
+            cursor.execute("CREATE TEMPORARY TABLE chunk_aggregates (run_id int4, train_example_id int4, "
+                           "n_test int4, sum_score float8, min_score float8, max_score float8, hurts int4) "
+                           "ON COMMIT DELETE ROWS")
         for table, names, columns in (
                 ("score_blocks", "run_id, test_example_id, encoding, scores", blocks),
                 ("score_extremes", EXTREME_COLUMNS, extreme_columns(run_id, test_ids, train_ids, values)),
                 ("chunk_aggregates", AGGREGATE_COLUMNS, aggregate_columns(run_id, train_ids, values))):
             with cursor.copy(f"COPY {table} ({names}) FROM STDIN (FORMAT BINARY)") as copy:
                 copy.write(copy_payload(columns))
-        cursor.execute(_upsert_aggregates(f"SELECT {AGGREGATE_COLUMNS} FROM chunk_aggregates", "LEAST", "GREATEST"))
+        if not first_chunk_stored:  # an upsert: another process may be storing its first chunk too
+            cursor.execute(_upsert_aggregates(f"SELECT {AGGREGATE_COLUMNS} FROM chunk_aggregates", "LEAST",
+                                              "GREATEST"))
+            return
+        added = _ADD_AGGREGATES.format(old="train_aggregates", new="c", least="LEAST", greatest="GREATEST")
+        cursor.execute(f"UPDATE train_aggregates SET {added} FROM chunk_aggregates c WHERE "
+                       f"train_aggregates.run_id = c.run_id AND train_aggregates.train_example_id = c.train_example_id")
+        if cursor.rowcount != len(train_ids):  # rows are never deleted, so this is a damaged store
+            raise InfluenceStoreError(f"run {run_id} has {cursor.rowcount} of its {len(train_ids)} train_aggregates "
+                                      f"rows, so this chunk was not stored; the store was changed outside "
+                                      f"influence-store: restore it from a backup")

@@ -66,6 +66,12 @@ ROWS_AT = {
         "INSERT INTO proposal_events (id, proposal_id, from_status, to_status, actor, note, created_utc) VALUES "
         "(1, 1, 'proposed', 'accepted', 'ann', 'mislabeled', '2026-01-02T00:00:00+00:00')",
     ],
+    "0006_proposal_relabel": [
+        "INSERT INTO proposals (id, run_id, example_id, rule, rule_options_json, rank, evidence_json, status, "
+        "reviewer, note, applied_version_id, created_utc, updated_utc, new_label_json) VALUES (2, 1, 1, 'harmful', "
+        "'{}', 2, '{\"score\": 0.1}', 'accepted', 'bo', 'wrong label', NULL, '2026-01-03T00:00:00+00:00', "
+        "'2026-01-03T00:00:00+00:00', '3')",
+    ],
     "0005_block_claims": [
         "INSERT INTO run_claims (run_id, block, owner, lease_expires, claims, finished_utc) VALUES "
         "(1, 0, 'host:12:ab', 1764547200.5, 2, '2026-01-01T00:00:01+00:00'), (1, -1, NULL, 0.0, 0, NULL)",

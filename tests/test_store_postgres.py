@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
+from influence_store.errors import InfluenceStoreError
 from influence_store.store import Store
 
 URL = os.environ.get("INFLUENCE_STORE_TEST_POSTGRES")
@@ -76,3 +77,18 @@ def test_postgres_stores_the_same_layout_as_sqlite(postgres_url, tmp_path):
     assert pg.top_scores(1, "te3", 7) == lite.top_scores(1, "te3", 7)
     assert pg.aggregate_scores(1) == lite.aggregate_scores(1)
     assert pg.score_values(1, limit=1000) == lite.score_values(1, limit=1000)
+
+
+def test_a_chunk_is_refused_whole_when_the_runs_aggregates_were_damaged(postgres_url):
+    """Later chunks update every training example's aggregate row; a missing row stops the chunk, nothing half-stored."""
+    store = Store(postgres_url)
+    run_id, train_ids, test_ids = make_run(store, 20, 4)
+    scores = np.random.default_rng(1).standard_normal((4, 20))
+    store.write_chunk(run_id, 0, test_ids[:2], train_ids, scores[:2])
+    with store.engine.begin() as connection:
+        connection.exec_driver_sql(f"DELETE FROM train_aggregates WHERE train_example_id = {train_ids[3]}")
+    with pytest.raises(InfluenceStoreError, match="19 of its 20 train_aggregates rows"):
+        store.write_chunk(run_id, 1, test_ids[2:], train_ids, scores[2:])
+    assert store.run(run_id)["chunks_done"] == 1
+    assert table(store, f"SELECT count(*) FROM score_blocks WHERE run_id = {run_id}") == [(2,)]
+    assert table(store, f"SELECT sum(n_test) FROM train_aggregates WHERE run_id = {run_id}") == [(38,)]
