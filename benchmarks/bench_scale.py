@@ -100,8 +100,9 @@ def run_processes(location: str, count: int, args: list[str], workers: bool) -> 
     return time.perf_counter() - started
 
 
-def shared_run(databases: Databases, quick: bool, rounds: int) -> None:
-    n_train, n_test, depth = ("600", "40", "20") if quick else ("1200", "160", "40")
+def shared_run(databases: Databases, quick: bool, rounds: int, n_test: int | None, depth: int | None) -> None:
+    n_train, n_test, depth = ("600", str(n_test or 40), str(depth or 20)) if quick else (
+        "1200", str(n_test or 480), str(depth or 40))
     args = ["-t", "n_train", n_train, "-t", "n_test", n_test, "-a", "lissa", "-o", "depth_iters", depth,
             "-o", "scale", "100", "--test-chunk-size", "8"]
     configs = {"1 process": (1, False), "2 processes by hand": (2, False), "--workers 2 (Dask)": (2, True)}
@@ -135,6 +136,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--only", choices=["write", "run"], default=None)
+    parser.add_argument("--test", type=int, default=None,
+                        help="test examples of the shared run (480, at most 597; --quick: 40): more amortizes start-up")
+    parser.add_argument("--depth", type=int, default=None, help="LiSSA steps per block of the shared run (40)")
     options = parser.parse_args()
     if not options.postgres:
         sys.exit("give --postgres URL (start one with: bash scripts/postgres_server.sh 54331)")
@@ -146,7 +150,7 @@ def main() -> None:
             if options.only in (None, "write"):
                 write_speed(databases, Path(tmp), options.quick, rounds)
             if options.only in (None, "run"):
-                shared_run(databases, options.quick, rounds)
+                shared_run(databases, options.quick, rounds, options.test, options.depth)
     finally:
         databases.close()
     print(f"\nload average after: {os.getloadavg()[0]:.1f}")

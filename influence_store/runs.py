@@ -18,7 +18,7 @@ from typing import Any
 from .errors import InfluenceStoreError
 from .phases import QUIET, Phases
 from .leases import DEFAULT_LEASE_SECONDS, BlockLeases
-from .schema import SELF_INFLUENCE_BLOCK
+from .schema import self_influence_block, self_influence_part
 from .settings import RunSettings
 from .store import Store
 from .task import Task, example_rows, load_task
@@ -128,13 +128,14 @@ def execute_run(store: Store, spec: str | Task, settings: RunSettings | None = N
         return RunResult(existing["id"], "done", "existing", time.perf_counter() - started)
 
     state = store.artifact(existing["id"], APPROXIMATOR_STATE) if existing else None
-    if existing is not None:  # its chunk boundaries are fixed: the size it resolved to when it started
+    if existing is not None:  # its blocks are fixed: chunk size and self-influence parts from when it started
         computed_with = replace(settings, test_chunk_size=existing["settings"]["test_chunk_size"])
+        parts = existing["settings"].get("self_influence_parts", 1)  # runs stored before parts: one
     else:
-        computed_with = settings
+        computed_with, parts = settings, None
     with phases.step(f"preparing {settings.approximator} (losses, gradients, inverse-Hessian setup)"):
         computation = prepare_scores(task, computed_with, tracked=tracked, progress=progress,
-                                     approximator_state=state)
+                                     approximator_state=state, self_influence_parts=parts)
     if existing is None:
         run_id = store.create_run(
             version_name=model_version, weights_sha256=weights, train_dataset=dataset,
@@ -154,7 +155,9 @@ def execute_run(store: Store, spec: str | Task, settings: RunSettings | None = N
         store.save_artifact(run_id, APPROXIMATOR_STATE, fitted)
     leases = BlockLeases(store, run_id, lease_seconds)
     store.start_run(run_id)
-    blocks = list(range(computation.num_chunks)) + ([SELF_INFLUENCE_BLOCK] if settings.self_influence else [])
+    blocks = list(range(computation.num_chunks)) + (
+        [self_influence_block(part) for part in range(computation.self_influence_parts)]
+        if settings.self_influence else [])
     store.add_blocks(run_id, blocks)
     try:
         step = f"scoring {computation.num_chunks} test chunks" + (" and self-influence" if settings.self_influence
@@ -212,16 +215,18 @@ def _compute_claimed_blocks(store: Store, run_id: int, computation, leases: Bloc
         pending = None
         groups = leases.blocks(grid=computation.chunk_grid)
         for group in _progress(groups, computation.progress, "block groups"):  # how many: up to the others
-            chunks = [block for block in group if block != SELF_INFLUENCE_BLOCK]
+            chunks = [block for block in group if block >= 0]
             for chunk in computation.block_chunks(computation.chunk_grid(chunks[0]), chunks) if chunks else []:
                 if pending is not None:
                     pending.result()
                 pending = writer.submit(store_chunk, chunk)
-            if SELF_INFLUENCE_BLOCK in group:
-                values = computation.self_influence().tolist()
+            for block in (block for block in group if block < 0):  # a part of the self-influence
+                part = self_influence_part(block)
+                values = computation.self_influence_part(part).tolist()
                 if pending is not None:
                     pending.result()
-                store.write_self_influence(run_id, values)  # the same values from whoever computes them
-                store.finish_block(run_id, SELF_INFLUENCE_BLOCK)
+                # the same values from whoever computes them
+                store.write_self_influence(run_id, values, start=computation.self_influence_range(part).start)
+                store.finish_block(run_id, block)
         if pending is not None:
             pending.result()

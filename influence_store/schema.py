@@ -147,7 +147,8 @@ class RunClaim(Base):
     """A lease on one block of a run: the work queue that processes sharing a run claim from.
 
     Blocks ``0..chunks_total-1`` are test chunks (done exactly when their ``run_chunks`` row exists);
-    block ``SELF_INFLUENCE_BLOCK`` is the self-influence pass over the training set. A block is free when
+    negative blocks are the parts of the self-influence pass over the training set (``self_influence_block``;
+    runs stored before parts existed have the one part ``SELF_INFLUENCE_BLOCK``). A block is free when
     its ``lease_expires`` (Unix seconds of the owner's clock) has passed: its owner died or let it go.
     """
 
@@ -162,7 +163,17 @@ class RunClaim(Base):
     finished_utc: Mapped[str | None] = mapped_column(String(40))
 
 
-SELF_INFLUENCE_BLOCK = -1
+SELF_INFLUENCE_BLOCK = -1  # the first part of a run's self-influence; part k is block -1 - k
+
+
+def self_influence_block(part: int) -> int:
+    """The claim block of self-influence part ``part`` (0, 1, ...)."""
+    return SELF_INFLUENCE_BLOCK - part
+
+
+def self_influence_part(block: int) -> int:
+    """The self-influence part of a (negative) claim block."""
+    return SELF_INFLUENCE_BLOCK - block
 
 
 class ScoreBlock(Base):

@@ -26,7 +26,7 @@ from .settings import RunSettings
 from .task import Task
 
 LONG_RUN_WORK = 5e7  # parameters x examples above which a run with progress bars prints its plan first
-SHARED_BLOCKS = 4  # the fewest blocks a run's test chunks (after the first) are solved in; see chunks_per_block
+SHARED_BLOCKS = 4  # the fewest blocks a run's test chunks (after the first) and its self-influence are solved in
 SIGN_CONVENTION = "score = g_test^T (H + ridge)^-1 g_train; positive = helpful, negative = harmful"
 
 
@@ -52,6 +52,7 @@ class ScoreComputation:
     train_losses: Tensor | None = None
     test_losses: Tensor | None = None
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    self_influence_parts: int = 1  # the self-influence pass in this many parts (a run fixes it when it starts)
     _train_grads: Tensor | None = None
     _plan: Plan | None = None
 
@@ -152,13 +153,31 @@ class ScoreComputation:
         return torch.cat([chunk.scores for chunk in self.chunks()])
 
     def self_influence(self) -> Tensor:
-        """``g_i^T (H + ridge)^-1 g_i`` for every training example, float64 [n_train].
+        """``g_i^T (H + ridge)^-1 g_i`` for every training example, float64 [n_train]: its parts, in order."""
+        parts = [self.self_influence_part(part) for part in range(self.self_influence_parts)]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
-        The training gradients (cached, or streamed once) are gathered into blocks of the plan's size,
+    def self_influence_range(self, part: int) -> range:
+        """The training positions of self-influence part ``part`` (fixed for a run: ``self_influence_parts``)."""
+        parts, n = self.self_influence_parts, self.n_train
+        return range(part * n // parts, (part + 1) * n // parts)
+
+    def self_influence_part(self, part: int) -> Tensor:
+        """Self-influence of one part's training examples (the unit processes sharing a run claim).
+
+        The part's gradients (from the cache, or streamed) are gathered into blocks of the plan's size,
         so an iterative approximator runs one batched solve per block, not one per gradient chunk."""
+        positions = self.self_influence_range(part)
+        if self.plan.train_grads_cached and self._train_grads is None:
+            for _ in self.train_grads():  # one pass fills the cache that test blocks use too
+                pass
+        if self._train_grads is not None:
+            grads = iter([self._train_grads[positions.start:positions.stop]])
+        else:
+            grads = (g for _, g in self.model.grad_chunks("train", positions))
         block = self.plan.self_influence_block
         out, pending, rows = [], [], 0
-        bar = _progress(None, self.progress, "self-influence", total=self.n_train, unit="example")
+        bar = _progress(None, self.progress, "self-influence", total=len(positions), unit="example")
 
         def flush():
             g = pending[0] if len(pending) == 1 else torch.cat(pending)
@@ -168,7 +187,7 @@ class ScoreComputation:
                 if bar is not None:
                     bar.update(len(piece))
 
-        for _, g in self.train_grads():
+        for g in grads:
             pending.append(g)
             rows += len(g)
             if rows >= block:
@@ -228,9 +247,10 @@ def compute_scores(task: Task, approximator: str = "lissa", options: dict | None
 
 
 def prepare_scores(task: Task, settings: RunSettings, *, tracked: list[str] | None = None, progress: bool = False,
-                   approximator_state: bytes | None = None) -> ScoreComputation:
+                   approximator_state: bytes | None = None,
+                   self_influence_parts: int | None = None) -> ScoreComputation:
     """``compute_scores`` for resolved settings (``settings.resolved()``) and, when the caller has them,
-    the tracked parameter names."""
+    the tracked parameter names and the self-influence parts of a run that already started."""
     started = time.perf_counter()
     entry, parsed = settings.approximator_plugin()
     device = _check_device(settings.device)
@@ -247,6 +267,8 @@ def prepare_scores(task: Task, settings: RunSettings, *, tracked: list[str] | No
     instance.prepare()
     chunk = stored_chunk_size(model, settings.test_chunk_size)
     plan = make_plan(model, instance, chunk, budget_given=settings.memory_budget_mb is not None)
+    # Parts, like test blocks, let processes sharing a run share its self-influence too.
+    parts = self_influence_parts or max(1, min(SHARED_BLOCKS, len(task.train)))
     record = {
         "approximator": settings.approximator,
         "options": settings.options,
@@ -263,12 +285,14 @@ def prepare_scores(task: Task, settings: RunSettings, *, tracked: list[str] | No
         "effective_damping": instance.effective_damping,
         "sign_convention": SIGN_CONVENTION,
         "test_chunk_size": chunk,
+        "self_influence_parts": parts,
         "memory_budget_mb": plan.memory_budget_mb,
         "plan": plan.to_dict(),
         "versions": library_versions(),
     }
     computation = ScoreComputation(task, model, instance, record, chunk, progress=progress,
-                                   train_losses=train_losses, test_losses=test_losses, _plan=plan)
+                                   train_losses=train_losses, test_losses=test_losses, self_influence_parts=parts,
+                                   _plan=plan)
     computation.diagnostics.update(approximator=instance.diagnostics, grad_notes=model.notes, grad_path=model.grad_path,
                                    plan=plan.to_dict(), seconds_prepare=time.perf_counter() - started)
     if progress and plan.num_params * (plan.n_train + plan.n_test) >= LONG_RUN_WORK:  # before a long run

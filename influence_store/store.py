@@ -266,12 +266,13 @@ class Store(StoreConnection, ScoreStore, CurationStore, BlockClaimVerbs):
             return list(s.scalars(select(RunExample.example_id).where(
                 RunExample.run_id == run_id, RunExample.split == split).order_by(RunExample.position)))
 
-    def write_self_influence(self, run_id: int, values: Sequence[float]) -> None:
+    def write_self_influence(self, run_id: int, values: Sequence[float], start: int = 0) -> None:
+        """Self-influence of the training examples at positions ``start``, ``start + 1``, ..."""
         with self.engine.begin() as connection:
             connection.execute(update(RunExample).where(
                 RunExample.run_id == run_id, RunExample.split == "train",
                 RunExample.position == bindparam("pos")).values(self_influence=bindparam("value")),
-                [{"pos": i, "value": float(v)} for i, v in enumerate(values)])
+                [{"pos": start + i, "value": float(v)} for i, v in enumerate(values)])
 
     def finish_run(self, run_id: int, seconds: float, diagnostics: dict) -> None:
         with self._session() as s:

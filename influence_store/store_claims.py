@@ -18,7 +18,7 @@ from sqlalchemy import case, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from .schema import SELF_INFLUENCE_BLOCK, Run, RunChunk, RunClaim, utcnow
+from .schema import Run, RunChunk, RunClaim, utcnow
 
 
 class BlockClaimVerbs:
@@ -91,7 +91,7 @@ class BlockClaimVerbs:
                 return False
             stored = s.scalar(select(func.count()).select_from(RunChunk).where(RunChunk.run_id == run_id))
             pending_self = self_influence and s.scalar(select(func.count()).select_from(RunClaim).where(
-                RunClaim.run_id == run_id, RunClaim.block == SELF_INFLUENCE_BLOCK, RunClaim.finished_utc.is_(None)))
+                RunClaim.run_id == run_id, RunClaim.block < 0, RunClaim.finished_utc.is_(None)))
             if stored < run.chunks_total or pending_self:
                 return False
             run.status, run.finished_utc, run.error = "done", utcnow(), None

@@ -280,11 +280,11 @@ def test_resumed_run_reuses_the_stored_factors(monkeypatch):
     calls = []
     original = Store.write_self_influence
 
-    def fail_once(self, run_id, values):
+    def fail_once(self, run_id, values, start=0):
         calls.append(run_id)
         if len(calls) == 1:
             raise InfluenceStoreError("disk full")
-        return original(self, run_id, values)
+        return original(self, run_id, values, start)
 
     monkeypatch.setattr(Store, "write_self_influence", fail_once)
     options = {"damping": 0.01}

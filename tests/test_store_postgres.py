@@ -80,7 +80,7 @@ def test_postgres_stores_the_same_layout_as_sqlite(postgres_url, tmp_path):
 
 
 def test_a_chunk_is_refused_whole_when_the_runs_aggregates_were_damaged(postgres_url):
-    """Later chunks update every training example's aggregate row; a missing row stops the chunk, nothing half-stored."""
+    """Later chunks update every training example's aggregate row: a missing row stops the chunk whole."""
     store = Store(postgres_url)
     run_id, train_ids, test_ids = make_run(store, 20, 4)
     scores = np.random.default_rng(1).standard_normal((4, 20))
