@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import weakref
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -26,6 +27,15 @@ from .schema import Dataset, Example, ModelVersion, Proposal, Run, ScoreBlock, V
 from .store_file import AS_STORE_LOCATION, check_sqlite_file, default_location, sqlite_path
 
 MIGRATION_LOCK, CREATE_RUN_LOCK = 7_310_001, 7_310_002  # PostgreSQL advisory lock keys of influence-store
+_ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # every store's engine not yet freed
+
+
+def close_all_stores() -> None:
+    """Close the connections of every store opened in this process, including stores no longer referenced
+    whose engines wait for the garbage collector (a SQLite store checkpoints its write-ahead log into the
+    file when its last connection closes)."""
+    for engine in list(_ENGINES):
+        engine.dispose()
 
 
 def database_url(location: str | None = None) -> str:
@@ -84,6 +94,7 @@ class StoreConnection:
                                           path=str(self.path), reason=exc.strerror, db_path="store path") from None
         self.engine = self._engine()
         self.reader = self.engine.execution_options(influence_store_read_only=True)
+        _ENGINES.add(self.engine)
         self._check_readable()
         if upgrade:
             self.upgrade()

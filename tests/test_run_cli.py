@@ -280,6 +280,21 @@ def test_two_processes_writing_one_store_at_once(spec, tmp_path):
         assert count == distinct == N_TEST * N_TRAIN
 
 
+def test_a_command_closes_its_store_before_the_process_exits(spec, tmp_path):
+    """The CLI skips the garbage collector's passes at exit, so it closes its stores itself: the last
+    connection folds SQLite's write-ahead log into the file, which is then the whole store on its own."""
+    db = tmp_path / "closed.db"
+    done = cli_process([f"{spec}:small", "-a", "exact", "--json"], db)
+    out, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err
+    assert not Path(f"{db}-wal").exists() and not Path(f"{db}-shm").exists()
+    alone = tmp_path / "alone.db"
+    alone.write_bytes(db.read_bytes())  # the file alone, as someone copying it would
+    with closing(sqlite3.connect(alone)) as connection:
+        assert connection.execute("SELECT status FROM runs WHERE id = ?", (json.loads(out)["run_id"],)).fetchall() \
+            == [("done",)]
+
+
 # ---------- bad input: one line, exit code 1, stored data untouched ----------
 
 @pytest.fixture
