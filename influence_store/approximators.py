@@ -47,3 +47,8 @@ class Approximator:
     def inverse_hvp(self, vectors: Tensor) -> Tensor:
         """Approximate ``(H + ridge)^-1 v`` for every row v of ``vectors`` [k, p]."""
         raise NotImplementedError
+
+    def self_influence(self, indices: list[int]) -> Tensor | None:
+        """Optional: ``g_i^T (H + ridge)^-1 g_i`` [len(indices)] for those training examples, when the
+        approximator has a cheaper way than ``inverse_hvp`` of their flat gradients (None: it has not)."""
+        return None

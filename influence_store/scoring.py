@@ -168,6 +168,9 @@ class ScoreComputation:
         The part's gradients (from the cache, or streamed) are gathered into blocks of the plan's size,
         so an iterative approximator runs one batched solve per block, not one per gradient chunk."""
         positions = self.self_influence_range(part)
+        direct = self.approximator.self_influence(list(positions)) if len(positions) else None
+        if direct is not None:  # e.g. EK-FAC from each layer's inputs and output gradients
+            return direct.to(torch.float64).cpu()
         if self.plan.train_grads_cached and self._train_grads is None:
             for _ in self.train_grads():  # one pass fills the cache that test blocks use too
                 pass

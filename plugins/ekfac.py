@@ -118,6 +118,12 @@ class EKFAC(Approximator):
             dropped += int((~keep).sum())
             self._inverse_eigenvalues.append(torch.where(keep, 1.0 / den.clamp_min(1e-300), torch.zeros_like(den)))
         self.diagnostics["dropped_eigenvalues"] = dropped
+        # Rotations in the model's precision (fitted in float64): float32 GEMMs are twice as fast, and a
+        # float32 model's gradients carry no more digits than that.
+        dtype = self.model.dtype
+        self._rotations = [(None if layer["qa"] is None else layer["qa"].to(dtype), layer["qs"].to(dtype),
+                            inverse.to(dtype))
+                           for layer, inverse in zip(self._factors["layers"], self._inverse_eigenvalues)]
 
     # ---------- state stored with the run ----------
     def state(self) -> bytes:
@@ -155,17 +161,51 @@ class EKFAC(Approximator):
         v = vectors.to(self.model.device, torch.float64)
         result = torch.zeros_like(v)
         outs = []
-        for m, layer, inv in zip(self.view.to_matrices(v), self._factors["layers"], self._inverse_eigenvalues):
-            qa, qs = layer["qa"], layer["qs"]
+        for m, (qa, qs, inv) in zip(self.view.to_matrices(v.to(self.model.dtype)), self._rotations):
             r = qs.T @ m
             r = r @ qa if qa is not None else r
             r = r * inv
             r = qs @ r
-            outs.append(r @ qa.T if qa is not None else r)
+            outs.append((r @ qa.T if qa is not None else r).to(torch.float64))
         self.view.from_matrices(outs, result)
         if self.view.diagonal_names:
             self.view.set_diagonal(self.view.diagonal(v) * self._inverse_eigenvalues[-1], result)
         return result
+
+    def self_influence(self, indices):
+        """``g_i^T P g_i`` (P the EK-FAC inverse) from each layer's inputs ``a`` and output gradients ``ds``:
+        ``g_i^T P g_i = sum (Q_S^T G_i Q_A)^2 * inverse eigenvalues``, one rotation of each example's
+        gradient instead of the two (and the flat gradient) that ``inverse_hvp`` takes; for a Linear layer
+        (one position) not even the gradient matrix is formed. None with refinement, whose inverse has no
+        such form, or with training gradients taken in train mode (the layer view runs in eval mode)."""
+        import torch
+
+        if self.options.refine_iters or self.model.mode != "eval":
+            return None
+        tm, f64 = self.model, torch.float64
+        out = []
+        for start in range(0, len(indices), self.options.batch_size):
+            chunk = indices[start:start + self.options.batch_size]
+            total = torch.zeros(len(chunk), dtype=f64, device=tm.device)
+            (captured,) = self.view.captures(chunk, "empirical")
+            for layer, (qa, qs, inv), (a, ds) in zip(self.view.layers, self._rotations, captured):
+                total += _rotated_square_sum(layer, qa, qs, inv, a, ds, tm.memory_budget)
+            if self.view.diagonal_names:
+                grads = self._diagonal_model().per_example_grads("train", chunk).to(f64)
+                total += (grads * grads * self._inverse_eigenvalues[-1]).sum(1)
+            out.append(total)
+        return torch.cat(out)
+
+    def _diagonal_model(self):
+        """The parameters outside the tracked layers, as a model of their own (their flat gradients)."""
+        from influence_store.gradients import TrackedModel
+
+        if getattr(self, "_diagonal", None) is None:
+            tm = self.model
+            self._diagonal = TrackedModel(tm.task, self.view.diagonal_names, device=tm.device, dtype=tm.dtype,
+                                          memory_budget_mb=tm.memory_budget / 2**20,
+                                          model_mode=tm.mode)
+        return self._diagonal
 
     def inverse_hvp(self, vectors):
         x = self.precondition(vectors)
@@ -196,6 +236,36 @@ class EKFAC(Approximator):
         if d["refine_calls"] <= MAX_TRACED_CALLS:
             d.setdefault("refine_residual_traces", []).append(trace)
         return x
+
+
+def _rotated_square_sum(layer, qa, qs, inv, a, ds, budget_bytes: int, order: str | None = None):
+    """Per example ``sum (Q_S^T G_i Q_A)^2 * inv`` of one layer [B], float64, the cheaper way round
+    (``order``, when not given): rotate the rows (``a Q_A``, ``ds Q_S``) or the summed gradient ``G_i``."""
+    import torch
+
+    dtype = qs.dtype
+    ds = ds.to(dtype)
+    if layer.kind == "embedding":  # one-hot inputs: the basis of A is the identity
+        rotated = qs.T @ layer.per_example_grads(a, ds)
+        return (rotated * rotated * inv).sum((1, 2)).to(torch.float64)
+    a = a.to(dtype)
+    positions, out_dim, in_dim = ds.shape[1], layer.out_dim, layer.in_dim
+    if positions == 1:  # G_i = ds_i a_i^T: (Q_S^T ds_i)^2 inv (Q_A^T a_i)^2 without forming G_i
+        u, w = ds[:, 0] @ qs, a[:, 0] @ qa
+        return torch.einsum("bo,oi,bi->b", u * u, inv, w * w).to(torch.float64)
+    if order is None:
+        by_rows = positions * (out_dim * out_dim + in_dim * in_dim + out_dim * in_dim)
+        by_gradient = positions * out_dim * in_dim + out_dim * in_dim * (out_dim + in_dim)
+        order = "rows" if by_rows < by_gradient else "gradient"
+    step = max(1, budget_bytes // (3 * a.element_size() * out_dim * in_dim))
+    sums = []
+    for s in range(0, len(a), step):
+        if order == "rows":
+            rotated = torch.einsum("bto,bti->boi", ds[s:s + step] @ qs, a[s:s + step] @ qa)
+        else:
+            rotated = qs.T @ torch.einsum("bto,bti->boi", ds[s:s + step], a[s:s + step]) @ qa
+        sums.append((rotated * rotated * inv).sum((1, 2)))
+    return torch.cat(sums).to(torch.float64)
 
 
 def pcg(curvature, precondition, b, x, iters: int, tol: float):

@@ -311,3 +311,25 @@ def test_gauss_newton_product_equals_the_hessian_of_a_linear_model():
     model = TrackedModel(task, tracked_parameters(task.model, "all"))
     v = torch.randn(3, model.num_params, dtype=torch.float64)
     assert relative_error(gauss_newton_product(LayerView(model), v, batch_size=16), model.hvp(v)) < 1e-10
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "true"])
+def test_self_influence_from_the_layer_view_equals_the_flat_inverse_hvp(fisher):
+    """g_i^T P g_i from each layer's rows (embedding, convolutions, Linear, the diagonal block) equals
+    the flat path, g_i . inverse_hvp(g_i), whichever way round each convolution is rotated."""
+    from influence_store.plugins.ekfac import _rotated_square_sum
+
+    task = mixed_task()
+    ekfac, model = approximator(task, "ekfac", fisher=fisher, damping=0.05, batch_size=7)
+    indices = list(range(len(task.train)))
+    grads = model.per_example_grads("train", indices)
+    expected = (ekfac.inverse_hvp(grads) * grads).sum(1)
+    direct = ekfac.self_influence(indices)
+    torch.testing.assert_close(direct, expected, rtol=1e-10, atol=1e-12)
+    (captured,) = ekfac.view.captures(indices, "empirical")
+    for layer, rotation, (a, ds) in zip(ekfac.view.layers, ekfac._rotations, captured):
+        if layer.kind == "conv":
+            by = [_rotated_square_sum(layer, *rotation, a, ds, 2**30, order) for order in ("rows", "gradient")]
+            torch.testing.assert_close(by[0], by[1], rtol=1e-10, atol=1e-12)
+    refined, _ = approximator(task, "ekfac", fisher=fisher, damping=0.05, refine_iters=3)
+    assert refined.self_influence(indices) is None  # the refined inverse: the flat path
