@@ -239,33 +239,37 @@ class EKFAC(Approximator):
 
 
 def _rotated_square_sum(layer, qa, qs, inv, a, ds, budget_bytes: int, order: str | None = None):
-    """Per example ``sum (Q_S^T G_i Q_A)^2 * inv`` of one layer [B], float64, the cheaper way round
-    (``order``, when not given): rotate the rows (``a Q_A``, ``ds Q_S``) or the summed gradient ``G_i``."""
+    """Per example ``sum (Q_S^T G_i Q_A)^2 * inv`` of one layer [B], float64."""
     import torch
 
-    dtype = qs.dtype
-    ds = ds.to(dtype)
-    if layer.kind == "embedding":  # one-hot inputs: the basis of A is the identity
-        rotated = qs.T @ layer.per_example_grads(a, ds)
-        return (rotated * rotated * inv).sum((1, 2)).to(torch.float64)
-    a = a.to(dtype)
-    positions, out_dim, in_dim = ds.shape[1], layer.out_dim, layer.in_dim
-    if positions == 1:  # G_i = ds_i a_i^T: (Q_S^T ds_i)^2 inv (Q_A^T a_i)^2 without forming G_i
+    a, ds = (a if layer.kind == "embedding" else a.to(qs.dtype)), ds.to(qs.dtype)
+    if layer.kind != "embedding" and ds.shape[1] == 1:  # G_i = ds_i a_i^T: (Q_S^T ds_i)^2 inv (Q_A^T a_i)^2
         u, w = ds[:, 0] @ qs, a[:, 0] @ qa
         return torch.einsum("bo,oi,bi->b", u * u, inv, w * w).to(torch.float64)
+    return torch.cat([(r * r * inv).sum((1, 2)) for r in _rotated_gradients(layer, qa, qs, a, ds, budget_bytes, order)]
+                     ).to(torch.float64)
+
+
+def _rotated_gradients(layer, qa, qs, a, ds, budget_bytes: int, order: str | None = None):
+    """``Q_S^T G_i Q_A`` [b, out, in] for the examples of a batch, a few at a time (the memory budget), the
+    cheaper way round (``order``, when not given): rotate the rows (``a Q_A``, ``ds Q_S``) or each
+    example's summed gradient ``G_i = sum_t ds_it a_it^T``."""
+    import torch
+
+    if layer.kind == "embedding":  # one-hot inputs: the basis of A is the identity
+        yield qs.T @ layer.per_example_grads(a, ds)
+        return
+    positions, out_dim, in_dim = ds.shape[1], layer.out_dim, layer.in_dim
     if order is None:
         by_rows = positions * (out_dim * out_dim + in_dim * in_dim + out_dim * in_dim)
         by_gradient = positions * out_dim * in_dim + out_dim * in_dim * (out_dim + in_dim)
         order = "rows" if by_rows < by_gradient else "gradient"
     step = max(1, budget_bytes // (3 * a.element_size() * out_dim * in_dim))
-    sums = []
     for s in range(0, len(a), step):
         if order == "rows":
-            rotated = torch.einsum("bto,bti->boi", ds[s:s + step] @ qs, a[s:s + step] @ qa)
+            yield torch.einsum("bto,bti->boi", ds[s:s + step] @ qs, a[s:s + step] @ qa)
         else:
-            rotated = qs.T @ torch.einsum("bto,bti->boi", ds[s:s + step], a[s:s + step]) @ qa
-        sums.append((rotated * rotated * inv).sum((1, 2)))
-    return torch.cat(sums).to(torch.float64)
+            yield qs.T @ torch.einsum("bto,bti->boi", ds[s:s + step], a[s:s + step]) @ qa
 
 
 def pcg(curvature, precondition, b, x, iters: int, tol: float):
@@ -367,12 +371,15 @@ def _correct_eigenvalues(view, options, layers, generator) -> None:
     for idx in batches(n, options.batch_size):
         for captured in view.captures(idx, options.fisher, generator, options.samples):
             for i, (layer, factors, (a, ds)) in enumerate(zip(view.layers, layers, captured)):
-                step = max(1, tm.memory_budget // (3 * 8 * layer.out_dim * layer.in_dim))
-                for start in range(0, a.shape[0], step):
-                    g = layer.per_example_grads(a[start:start + step], ds[start:start + step]).to(torch.float64)
-                    g = factors["qs"].T @ g
-                    g = g @ factors["qa"] if factors["qa"] is not None else g
-                    sums[i] += (g * g).sum(0)
+                qa, qs, ds = factors["qa"], factors["qs"], ds.to(torch.float64)
+                if layer.kind != "embedding":
+                    a = a.to(torch.float64)
+                if layer.kind != "embedding" and ds.shape[1] == 1:  # G_i = ds_i a_i^T: sum_i of its squares
+                    u, w = ds[:, 0] @ qs, a[:, 0] @ qa
+                    sums[i] += (u * u).T @ (w * w)
+                    continue
+                for rotated in _rotated_gradients(layer, qa, qs, a, ds, tm.memory_budget):
+                    sums[i] += (rotated * rotated).sum(0)
     for factors, total in zip(layers, sums):
         factors["eigenvalues"] = total / n
 

@@ -333,3 +333,14 @@ def test_self_influence_from_the_layer_view_equals_the_flat_inverse_hvp(fisher):
             torch.testing.assert_close(by[0], by[1], rtol=1e-10, atol=1e-12)
     refined, _ = approximator(task, "ekfac", fisher=fisher, damping=0.05, refine_iters=3)
     assert refined.self_influence(indices) is None  # the refined inverse: the flat path
+
+
+def test_corrected_eigenvalues_are_the_mean_squared_rotated_gradients():
+    """EK-FAC's eigenvalues (empirical Fisher) are mean_i (Q_S^T G_i Q_A)^2, G_i from autograd."""
+    task = mixed_task()
+    ekfac, model = approximator(task, "ekfac", fisher="empirical", batch_size=5)
+    grads = model.per_example_grads("train", list(range(len(task.train))))
+    for layer, block in zip(ekfac._factors["layers"], ekfac.view.to_matrices(grads)):
+        rotated = layer["qs"].T @ block
+        rotated = rotated @ layer["qa"] if layer["qa"] is not None else rotated
+        assert relative_error(layer["eigenvalues"], (rotated * rotated).mean(0)) < 1e-10
