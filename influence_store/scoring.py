@@ -105,9 +105,13 @@ class ScoreComputation:
     @property
     def chunks_per_block(self) -> int:
         """How many stored chunks are solved together (one inverse-HVP call, one training pass): as many as
-        the plan's memory allows, but the chunks after the first form at least ``SHARED_BLOCKS`` blocks, so
-        that every process sharing a run (started by hand, by SLURM, Dask workers) gets work to claim."""
+        the plan's memory allows. When the training gradients are cached (a block costs no extra pass), the
+        chunks after the first form at least ``SHARED_BLOCKS`` blocks, so that every process sharing a run
+        (started by hand, by SLURM, Dask workers) gets work to claim; when they are not, every block is
+        another pass over the training set, so there are as few as memory allows."""
         by_memory = max(1, self.plan.test_block_size // self.test_chunk_size)
+        if not self.plan.train_grads_cached:
+            return by_memory
         return max(1, min(by_memory, math.ceil((self.num_chunks - 1) / SHARED_BLOCKS)))
 
     def chunk_group(self, indices: Sequence[int]) -> list[ScoreChunk]:

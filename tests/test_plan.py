@@ -37,6 +37,17 @@ def test_two_budgets_give_identical_scores(task, approximator, options):
         torch.testing.assert_close(tight.self_influence(), roomy.self_influence(), rtol=1e-10, atol=1e-12)
 
 
+def test_without_cached_gradients_the_training_set_is_read_as_often_as_the_plan_says(task):
+    """Every block is then a pass over the training set: blocks are as large as memory allows (splitting
+    them so that processes sharing a run get work is only free when the gradients are cached)."""
+    computation = ist.compute_scores(task, approximator="exact", options={}, memory_budget_mb=0.08,
+                                     test_chunk_size=5)
+    assert not computation.plan.train_grads_cached and computation.chunks_per_block > 1
+    computation.matrix()
+    plan = computation.plan
+    assert computation.diagnostics["train_gradient_passes"] == plan.test_blocks == plan.train_passes
+
+
 def test_a_resumed_computation_under_another_budget_fills_the_same_chunks(task):
     first = ist.compute_scores(task, approximator="lissa", options=LISSA, memory_budget_mb=4096, test_chunk_size=7)
     done = {c.index: c for c in first.chunks()}
