@@ -121,8 +121,8 @@ class EKFAC(Approximator):
         # Rotations in the model's precision (fitted in float64): float32 GEMMs are twice as fast, and a
         # float32 model's gradients carry no more digits than that.
         dtype = self.model.dtype
-        self._rotations = [(None if layer["qa"] is None else layer["qa"].to(dtype), layer["qs"].to(dtype),
-                            inverse.to(dtype))
+        self._rotations = [(None if layer["qa"] is None else _flush(layer["qa"].to(dtype).contiguous()),
+                            _flush(layer["qs"].to(dtype).contiguous()), inverse.to(dtype))
                            for layer, inverse in zip(self._factors["layers"], self._inverse_eigenvalues)]
 
     # ---------- state stored with the run ----------
@@ -160,13 +160,14 @@ class EKFAC(Approximator):
 
         v = vectors.to(self.model.device, torch.float64)
         result = torch.zeros_like(v)
+        scale = _power_of_two_scale(v)  # [k, 1]: each vector near 1, exactly undone at the end
         outs = []
-        for m, (qa, qs, inv) in zip(self.view.to_matrices(v.to(self.model.dtype)), self._rotations):
-            r = qs.T @ m
-            r = r @ qa if qa is not None else r
-            r = r * inv
-            r = qs @ r
-            outs.append((r @ qa.T if qa is not None else r).to(torch.float64))
+        for m, (qa, qs, inv) in zip(self.view.to_matrices((v / scale).to(self.model.dtype)), self._rotations):
+            r = _flush(qs.T @ _flush(m))
+            r = _flush(r @ qa) if qa is not None else r
+            r = _flush(qs @ _flush(r * inv))
+            r = r @ qa.T if qa is not None else r
+            outs.append(r.to(torch.float64) * scale[:, :, None])
         self.view.from_matrices(outs, result)
         if self.view.diagonal_names:
             self.view.set_diagonal(self.view.diagonal(v) * self._inverse_eigenvalues[-1], result)
@@ -242,12 +243,39 @@ def _rotated_square_sum(layer, qa, qs, inv, a, ds, budget_bytes: int, order: str
     """Per example ``sum (Q_S^T G_i Q_A)^2 * inv`` of one layer [B], float64."""
     import torch
 
-    a, ds = (a if layer.kind == "embedding" else a.to(qs.dtype)), ds.to(qs.dtype)
+    # each example's rows scaled near 1 by powers of two (undone exactly at the end), and the rotations'
+    # tiny entries flushed: products of tiny numbers are subnormal, and subnormal arithmetic is slow
+    ds_scale = _power_of_two_scale(ds.to(torch.float64).flatten(1))
+    ds = _flush((ds / ds_scale[:, :, None].to(ds)).to(qs.dtype))
+    scale = ds_scale[:, 0] ** 2
+    if layer.kind != "embedding":
+        a_scale = _power_of_two_scale(a.to(torch.float64).flatten(1))
+        a = _flush((a / a_scale[:, :, None].to(a)).to(qs.dtype))
+        scale = scale * a_scale[:, 0] ** 2
     if layer.kind != "embedding" and ds.shape[1] == 1:  # G_i = ds_i a_i^T: (Q_S^T ds_i)^2 inv (Q_A^T a_i)^2
-        u, w = ds[:, 0] @ qs, a[:, 0] @ qa
-        return torch.einsum("bo,oi,bi->b", u * u, inv, w * w).to(torch.float64)
+        u, w = _flush(ds[:, 0] @ qs), _flush(a[:, 0] @ qa)
+        return torch.einsum("bo,oi,bi->b", u * u, inv, w * w).to(torch.float64) * scale
     return torch.cat([(r * r * inv).sum((1, 2)) for r in _rotated_gradients(layer, qa, qs, a, ds, budget_bytes, order)]
-                     ).to(torch.float64)
+                     ).to(torch.float64) * scale
+
+
+def _power_of_two_scale(rows):
+    """Per row of ``rows`` [k, d] (float64) the power of two nearest below its largest magnitude (1 for a zero
+    row), as [k, 1]: dividing by it is exact and brings every row near 1."""
+    import torch
+
+    largest = rows.abs().amax(dim=1, keepdim=True)
+    return torch.where(largest > 0, torch.exp2(torch.floor(torch.log2(largest.clamp_min(1e-300)))),
+                       torch.ones_like(largest))
+
+
+def _flush(x):
+    """``x`` with entries below the square root of its type's smallest normal number set to zero: the
+    product of two remaining entries is then never subnormal (subnormal arithmetic is many times slower),
+    and what is dropped lies far below the type's precision for values near 1."""
+    import torch
+
+    return x.masked_fill(x.abs() < torch.finfo(x.dtype).tiny ** 0.5, 0)
 
 
 def _rotated_gradients(layer, qa, qs, a, ds, budget_bytes: int, order: str | None = None):
@@ -267,9 +295,9 @@ def _rotated_gradients(layer, qa, qs, a, ds, budget_bytes: int, order: str | Non
     step = max(1, budget_bytes // (3 * a.element_size() * out_dim * in_dim))
     for s in range(0, len(a), step):
         if order == "rows":
-            yield torch.einsum("bto,bti->boi", ds[s:s + step] @ qs, a[s:s + step] @ qa)
+            yield torch.einsum("bto,bti->boi", _flush(ds[s:s + step] @ qs), _flush(a[s:s + step] @ qa))
         else:
-            yield qs.T @ torch.einsum("bto,bti->boi", ds[s:s + step], a[s:s + step]) @ qa
+            yield _flush(qs.T @ _flush(torch.einsum("bto,bti->boi", ds[s:s + step], a[s:s + step]))) @ qa
 
 
 def pcg(curvature, precondition, b, x, iters: int, tol: float):
