@@ -168,6 +168,15 @@ class LayerView:
             start += size
         return result
 
+    def diagonal_model(self) -> TrackedModel:
+        """The diagonal parameters as a model of their own, for their flat per-example gradients (in the
+        order of ``diagonal``); built once."""
+        if getattr(self, "_diagonal_model", None) is None:
+            tm = self.model
+            self._diagonal_model = TrackedModel(tm.task, self.diagonal_names, device=tm.device, dtype=tm.dtype,
+                                                memory_budget_mb=tm.memory_budget / 2**20, model_mode=tm.mode)
+        return self._diagonal_model
+
     # ---------- capture ----------
     def captures(self, indices: Sequence[int], fisher: str = "empirical",
                  generator: torch.Generator | None = None, samples: int = 1) -> Iterator[list[tuple[Tensor, Tensor]]]:

@@ -192,21 +192,10 @@ class EKFAC(Approximator):
             for layer, (qa, qs, inv), (a, ds) in zip(self.view.layers, self._rotations, captured):
                 total += _rotated_square_sum(layer, qa, qs, inv, a, ds, tm.memory_budget)
             if self.view.diagonal_names:
-                grads = self._diagonal_model().per_example_grads("train", chunk).to(f64)
+                grads = self.view.diagonal_model().per_example_grads("train", chunk).to(f64)
                 total += (grads * grads * self._inverse_eigenvalues[-1]).sum(1)
             out.append(total)
         return torch.cat(out)
-
-    def _diagonal_model(self):
-        """The parameters outside the tracked layers, as a model of their own (their flat gradients)."""
-        from influence_store.gradients import TrackedModel
-
-        if getattr(self, "_diagonal", None) is None:
-            tm = self.model
-            self._diagonal = TrackedModel(tm.task, self.view.diagonal_names, device=tm.device, dtype=tm.dtype,
-                                          memory_budget_mb=tm.memory_budget / 2**20,
-                                          model_mode=tm.mode)
-        return self._diagonal
 
     def inverse_hvp(self, vectors):
         x = self.precondition(vectors)
@@ -416,13 +405,10 @@ def _diagonal_fisher(view, options):
     """Mean squared per-example gradient of the parameters outside the tracked layers."""
     import torch
 
-    from influence_store.gradients import TrackedModel
-
     tm = view.model
     if not view.diagonal_names:
         return torch.zeros(0, dtype=torch.float64, device=tm.device)
-    sub = TrackedModel(tm.task, view.diagonal_names, device=tm.device, dtype=tm.dtype,
-                       memory_budget_mb=tm.memory_budget / 2**20, model_mode=getattr(tm, "mode", "eval"))
+    sub = view.diagonal_model()
     total = torch.zeros(sub.num_params, dtype=torch.float64, device=tm.device)
     with torch.no_grad():
         for _, g in sub.grad_chunks("train"):
