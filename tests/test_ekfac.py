@@ -186,7 +186,7 @@ def test_refinement_converges_to_exact(digits):
     assert relative_error(refined, truth) < 1e-6
     assert relative_error(ekfac.precondition(g), truth) > 1e-2  # refinement did the work
     trace = ekfac.diagnostics["refine_residual_traces"][0]
-    assert trace[-1] < 1e-9 < trace[0] and len(trace) == ekfac.diagnostics["refine_curvature_products"]
+    assert trace[-1] < 1e-9 < trace[0] and len(trace) == ekfac.diagnostics["refine_curvature_products"] + 1
     few, _ = approximator(task, "ekfac", damping=0.01, refine_iters=2)
     assert relative_error(few.inverse_hvp(g), truth) > 1e-6  # the iteration count is honoured
     assert len(few.diagnostics["refine_residual_traces"][0]) == 3
@@ -203,6 +203,23 @@ def test_refinement_on_the_gauss_newton_matrix_reduces_its_residual(digits):
     assert trace[-1] < trace[0] / 3
     residual = g[:2] - gauss_newton_product(LayerView(model), refined) - 0.01 * refined
     assert float((residual.norm(dim=1) / g[:2].norm(dim=1)).max()) == pytest.approx(trace[-1], rel=1e-6)
+
+
+def test_block_cg_solves_dependent_rows_and_stops_at_negative_curvature():
+    from influence_store.plugins.ekfac import block_pcg
+
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64))
+    spd = q @ torch.diag(torch.logspace(-2, 1, 40, dtype=torch.float64)) @ q.T
+    b = torch.randn(3, 40, dtype=torch.float64)
+    b = torch.cat([b, b[:1] * 2, b[1:2] - b[2:3]])  # two rows that add no direction of their own
+    x, trace, products, stalled = block_pcg(lambda v: v @ spd, lambda r: r, b, 100, 1e-10)
+    assert torch.allclose(x, torch.linalg.solve(spd, b.T).T, rtol=0, atol=1e-8 * float(x.abs().max()))
+    assert trace[-1] < 1e-10 and stalled == 0 and products == len(trace) - 1 < 40
+
+    indefinite = spd - 0.5 * torch.outer(q[:, 0], q[:, 0]) - 0.5 * torch.outer(q[:, 1], q[:, 1])
+    x, trace, products, stalled = block_pcg(lambda v: v @ indefinite, lambda r: r, b, 100, 1e-10)
+    assert stalled == len(b) and torch.isfinite(x).all() and products < 40
 
 
 def test_bad_options_are_clear_errors():
