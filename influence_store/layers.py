@@ -134,25 +134,32 @@ class LayerView:
     # ---------- flat vectors <-> layer matrices ----------
     def to_matrices(self, vectors: Tensor) -> list[Tensor]:
         """Each layer's block of ``vectors`` [k, p] as [k, out, in]."""
-        out = []
-        for layer in self.layers:
-            k = vectors.shape[0]
-            w = vectors[:, layer.weight]
-            w = w.reshape(k, layer.in_dim, layer.out_dim).transpose(1, 2) if layer.kind == "embedding" else \
-                w.reshape(k, layer.out_dim, -1)
-            out.append(torch.cat([w, vectors[:, layer.bias].unsqueeze(-1)], dim=-1) if layer.bias else w)
-        return out
+        return [self.matrix(vectors, layer) for layer in self.layers]
 
     def from_matrices(self, matrices: Sequence[Tensor], result: Tensor) -> Tensor:
         """Write each layer's [k, out, in] block into ``result`` [k, p] (inverse of ``to_matrices``)."""
         for layer, m in zip(self.layers, matrices):
-            k = m.shape[0]
-            if layer.bias is not None:
-                result[:, layer.bias] = m[..., -1]
-                m = m[..., :-1]
-            w = m.transpose(1, 2) if layer.kind == "embedding" else m
-            result[:, layer.weight] = w.reshape(k, -1)
+            self.set_matrix(layer, m, result)
         return result
+
+    @staticmethod
+    def matrix(vectors: Tensor, layer: Layer) -> Tensor:
+        """One layer's block of ``vectors`` [k, p] as [k, out, in] (a view where the layer has no bias)."""
+        k = vectors.shape[0]
+        w = vectors[:, layer.weight]
+        w = w.reshape(k, layer.in_dim, layer.out_dim).transpose(1, 2) if layer.kind == "embedding" else \
+            w.reshape(k, layer.out_dim, -1)
+        return torch.cat([w, vectors[:, layer.bias].unsqueeze(-1)], dim=-1) if layer.bias else w
+
+    @staticmethod
+    def set_matrix(layer: Layer, m: Tensor, result: Tensor) -> None:
+        """Write one layer's [k, out, in] block into ``result`` [k, p] (inverse of ``matrix``)."""
+        k = m.shape[0]
+        if layer.bias is not None:
+            result[:, layer.bias] = m[..., -1]
+            m = m[..., :-1]
+        w = m.transpose(1, 2) if layer.kind == "embedding" else m
+        result[:, layer.weight] = w.reshape(k, -1)
 
     def diagonal(self, vectors: Tensor) -> Tensor:
         """The diagonal parameters' entries of ``vectors`` [k, p] as [k, d]."""

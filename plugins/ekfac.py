@@ -46,6 +46,14 @@ class EKFAC(Approximator):
 
     name = "ekfac"
 
+    @property
+    def working_vectors(self) -> int:
+        """p-vectors in the model's precision per test vector in flight (the plan counts them): its
+        gradient, a float64 result (2 for float32), one layer's rotated copies (up to 3 when one layer
+        holds most parameters); refinement holds b, x, r, z, p, Ap in float64 and the HVP's own copies."""
+        per_f64 = 8 // self.model.itemsize
+        return 1 + 2 * per_f64 + 3 + (7 * per_f64 + 3 if self.options.refine_iters else 0)
+
     @dataclass
     class Options:
         damping: float = option(0.0, "ridge added to the curvature (a true ridge, not scaled), plus the task's l2")
@@ -155,22 +163,27 @@ class EKFAC(Approximator):
 
     # ---------- solving ----------
     def precondition(self, vectors):
-        """The EK-FAC inverse applied to every row of ``vectors`` [k, p], float64."""
+        """The EK-FAC inverse applied to every row of ``vectors`` [k, p], float64.
+
+        One layer at a time, straight into the result: beside the input and the float64 result, only one
+        layer's block is held in a few copies (the plan counts ``working_vectors``)."""
         import torch
 
-        v = vectors.to(self.model.device, torch.float64)
-        result = torch.zeros_like(v)
-        scale = _power_of_two_scale(v)  # [k, 1]: each vector near 1, exactly undone at the end
-        outs = []
-        for m, (qa, qs, inv) in zip(self.view.to_matrices((v / scale).to(self.model.dtype)), self._rotations):
-            r = _flush(qs.T @ _flush(m))
+        v = vectors.to(self.model.device)
+        f64, dtype = torch.float64, self.model.dtype
+        result = torch.empty(v.shape, dtype=f64, device=v.device)
+        # each vector near 1 by a power of two (exactly undone at the end), so no product is subnormal
+        scale = _power_of_two_scale(v.abs().amax(dim=1, keepdim=True).to(f64))  # [k, 1]
+        for layer, (qa, qs, inv) in zip(self.view.layers, self._rotations):
+            m = self.view.matrix(v, layer)
+            m = _flush((m / scale[:, :, None].to(m.dtype)).to(dtype))
+            r = _flush(qs.T @ m)
             r = _flush(r @ qa) if qa is not None else r
             r = _flush(qs @ _flush(r * inv))
-            r = r @ qa.T if qa is not None else r
-            outs.append(r.to(torch.float64) * scale[:, :, None])
-        self.view.from_matrices(outs, result)
+            self.view.set_matrix(layer, r @ qa.T if qa is not None else r, result)
+        result.mul_(scale)
         if self.view.diagonal_names:
-            self.view.set_diagonal(self.view.diagonal(v) * self._inverse_eigenvalues[-1], result)
+            self.view.set_diagonal(self.view.diagonal(v).to(f64) * self._inverse_eigenvalues[-1], result)
         return result
 
     def self_influence(self, indices):
@@ -198,7 +211,10 @@ class EKFAC(Approximator):
         return torch.cat(out)
 
     def inverse_hvp(self, vectors):
-        return self._refine(vectors) if self.options.refine_iters else self.precondition(vectors)
+        """In the model's precision, like the training gradients it is multiplied with: a float64 result
+        would turn every score GEMM into a float64 one (half the speed) on a float32 model."""
+        x = self._refine(vectors) if self.options.refine_iters else self.precondition(vectors)
+        return x.to(self.model.dtype)
 
     def _refine(self, b):
         import torch
