@@ -155,7 +155,8 @@ def refine(args) -> None:
     import influence_store as ist
     from influence_store.freezing import tracked_parameters
     from influence_store.gradients import TrackedModel
-    from influence_store.plugins.ekfac import EKFAC, block_pcg
+    from influence_store.plugins.ekfac import EKFAC
+    from influence_store.solvers import block_pcg
     from influence_store.plugins.exact import Exact
     from sklearn.datasets import load_digits
     from tasks import DigitsMLP

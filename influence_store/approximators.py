@@ -7,7 +7,7 @@ An approximator receives the curvature of the training loss as a ``TrackedModel`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from .options import NoOptions
 
@@ -47,6 +47,13 @@ class Approximator:
     def inverse_hvp(self, vectors: Tensor) -> Tensor:
         """Approximate ``(H + ridge)^-1 v`` for every row v of ``vectors`` [k, p]."""
         raise NotImplementedError
+
+    def training_dot_products(self) -> Callable[[Tensor, list[int]], Tensor] | None:
+        """Optional: a function ``(vectors [k, p], train indices) -> vectors @ g_i`` [k, len(indices)] that is
+        cheaper than the engine's flat per-example gradients (e.g. from each layer's inputs and output
+        gradients). Asked once, after ``prepare``; the engine then never caches flat training gradients.
+        None (the default): the engine's flat gradients are used."""
+        return None
 
     def self_influence(self, indices: list[int]) -> Tensor | None:
         """Optional: ``g_i^T (H + ridge)^-1 g_i`` [len(indices)] for those training examples, when the

@@ -184,6 +184,37 @@ class LayerView:
                                                 memory_budget_mb=tm.memory_budget / 2**20, model_mode=tm.mode)
         return self._diagonal_model
 
+    def dot_gradients(self, vectors: Tensor, indices: Sequence[int]) -> Tensor:
+        """``vectors @ g_i`` [k, len(indices)] (float64) for the training examples' per-example gradients
+        ``g_i``, without forming them flat. Per batch of examples (one forward and backward), a one-position
+        layer contributes ``ds_i . (V a_i)``, one GEMM of every vector's block against the input rows; a
+        layer with positions (a convolution, a sequence) forms the batch's ``G_i = sum_t ds_it a_it^T`` (as
+        many at a time as the memory budget allows) and multiplies those. Eval mode, like ``captures``."""
+        tm, k, indices = self.model, vectors.shape[0], list(indices)
+        vectors = vectors.to(tm.device, tm.dtype)
+        matrices = [self.matrix(vectors, layer).contiguous() for layer in self.layers]  # [k, out, in], once
+        total = torch.zeros(k, len(indices), dtype=torch.float64, device=tm.device)
+        batch = tm.grad_chunk_size()
+        for start in range(0, len(indices), batch):
+            chunk = indices[start:start + batch]
+            (captured,) = self.captures(chunk, "empirical")
+            for layer, m, (a, ds) in zip(self.layers, matrices, captured):
+                rows = layer.kind != "embedding" and ds.shape[1] == 1
+                per_example = k * layer.out_dim if rows else layer.out_dim * layer.in_dim  # floats held
+                step = max(1, tm.memory_budget // (4 * a.element_size() * per_example))
+                for s in range(0, len(a), step):
+                    into = total[:, start + s:start + min(s + step, len(a))]
+                    if rows:
+                        va = (m.reshape(-1, layer.in_dim) @ a[s:s + step, 0].T).reshape(k, layer.out_dim, -1)
+                        into += (va * ds[s:s + step, 0].T).sum(1).to(torch.float64)
+                    else:
+                        grads = layer.per_example_grads(a[s:s + step], ds[s:s + step])
+                        into += (m.reshape(k, -1) @ grads.reshape(len(grads), -1).T).to(torch.float64)
+            if self.diagonal_names:
+                grads = self.diagonal_model().per_example_grads("train", chunk).to(tm.device, tm.dtype)
+                total[:, start:start + len(chunk)] += (self.diagonal(vectors) @ grads.T).to(torch.float64)
+        return total
+
     # ---------- capture ----------
     def captures(self, indices: Sequence[int], fisher: str = "empirical",
                  generator: torch.Generator | None = None, samples: int = 1) -> Iterator[list[tuple[Tensor, Tensor]]]:

@@ -98,11 +98,14 @@ def stored_chunk_size(model, requested: int | None) -> int:
     return max(1, min(by_memory, MAX_SCORES_PER_CHUNK // max(1, n_train)))
 
 
-def make_plan(model, approximator, test_chunk_size: int, budget_given: bool = True) -> Plan:
+def make_plan(model, approximator, test_chunk_size: int, budget_given: bool = True,
+              flat_train_grads: bool = True) -> Plan:
     """Decide blocks, caching and passes from the budget and what each item holds.
 
     A test vector in a block holds ``working_vectors`` p-vectors (its gradient, the approximator's
     state and result; declared by the approximator, 6 when it does not say) and its float64 score row.
+    ``flat_train_grads=False``: the approximator takes the dot products with the training gradients itself
+    (``training_dot_products``), so there are no flat gradients to cache.
     """
     n_train, n_test, p = len(model.task.train), len(model.task.test), model.num_params
     itemsize, budget = model.itemsize, model.memory_budget
@@ -113,7 +116,7 @@ def make_plan(model, approximator, test_chunk_size: int, budget_given: bool = Tr
     chunk = max(1, min(test_chunk_size, n_test or 1))
     all_chunks = math.ceil(n_test / chunk) if n_test else 0
     # Cache the training gradients when they fit beside at least one stored chunk of test vectors.
-    cached = grads_bytes + chunk * per_vector <= room
+    cached = flat_train_grads and grads_bytes + chunk * per_vector <= room
     left = room - (grads_bytes if cached else 0)
     block_chunks = max(1, min(all_chunks or 1, int(left // max(1, chunk * per_vector))))
     block = block_chunks * chunk

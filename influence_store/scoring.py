@@ -55,6 +55,7 @@ class ScoreComputation:
     self_influence_parts: int = 1  # the self-influence pass in this many parts (a run fixes it when it starts)
     _train_grads: Tensor | None = None
     _plan: Plan | None = None
+    _training_dots: Any = None  # the approximator's training_dot_products(), when it has them
 
     @property
     def n_train(self) -> int:
@@ -147,6 +148,9 @@ class ScoreComputation:
                             for s in range(0, len(test_indices), step)])
         ihvp = self._inverse_hvp(g_test)
         del g_test
+        if self._training_dots is not None:  # the approximator's own pass over the training set
+            self.diagnostics["train_gradient_passes"] = self.diagnostics.get("train_gradient_passes", 0) + 1
+            return self._training_dots(ihvp, range(self.n_train)).cpu()
         out = torch.empty(len(test_indices), self.n_train, dtype=torch.float64)
         for idx, g in self.train_grads():
             out[:, idx[0]:idx[-1] + 1] = _dot(ihvp, g)
@@ -272,8 +276,10 @@ def prepare_scores(task: Task, settings: RunSettings, *, tracked: list[str] | No
     if approximator_state is not None:  # what an earlier prepare() fitted for this run
         instance.load_state(approximator_state)
     instance.prepare()
+    training_dots = instance.training_dot_products()
     chunk = stored_chunk_size(model, settings.test_chunk_size)
-    plan = make_plan(model, instance, chunk, budget_given=settings.memory_budget_mb is not None)
+    plan = make_plan(model, instance, chunk, budget_given=settings.memory_budget_mb is not None,
+                     flat_train_grads=training_dots is None)
     # Parts, like test blocks, let processes sharing a run share its self-influence too.
     parts = self_influence_parts or max(1, min(SHARED_BLOCKS, len(task.train)))
     record = {
@@ -299,7 +305,7 @@ def prepare_scores(task: Task, settings: RunSettings, *, tracked: list[str] | No
     }
     computation = ScoreComputation(task, model, instance, record, chunk, progress=progress,
                                    train_losses=train_losses, test_losses=test_losses, self_influence_parts=parts,
-                                   _plan=plan)
+                                   _plan=plan, _training_dots=training_dots)
     computation.diagnostics.update(approximator=instance.diagnostics, grad_notes=model.notes, grad_path=model.grad_path,
                                    plan=plan.to_dict(), seconds_prepare=time.perf_counter() - started)
     if progress and plan.num_params * (plan.n_train + plan.n_test) >= LONG_RUN_WORK:  # before a long run

@@ -66,6 +66,9 @@ class EKFAC(Approximator):
         refine_iters: int = option(0, "preconditioned CG iterations on the true curvature (0: plain EK-FAC)")
         refine_tol: float = option(1e-6, "stop refining when every relative residual is below this")
         refine_curvature: str = option("hessian", "hessian or gauss-newton: the curvature refinement solves with")
+        refine_method: str = option("block", "block (one search space for all test vectors: fewer products, an "
+                                             "answer that depends within refine_tol on which vectors share it) "
+                                             "or vector (one CG per test vector)")
 
         def __post_init__(self) -> None:
             from influence_store.layers import FISHER_TYPES
@@ -82,6 +85,8 @@ class EKFAC(Approximator):
                 raise ValueError("refine_iters and refine_tol must be >= 0")
             if self.refine_curvature not in ("hessian", "gauss-newton"):
                 raise ValueError("refine_curvature must be hessian or gauss-newton")
+            if self.refine_method not in ("block", "vector"):
+                raise ValueError("refine_method must be block or vector")
 
     _factors: dict | None = None
 
@@ -210,6 +215,12 @@ class EKFAC(Approximator):
             out.append(total)
         return torch.cat(out)
 
+    def training_dot_products(self):
+        """Scores from each layer's inputs and output gradients (``LayerView.dot_gradients``), never the flat
+        per-example gradients: on the 1M-parameter CNN those cost 4-6 ms per example to form and copy.
+        None for training gradients taken in train mode (the layer view runs in eval mode)."""
+        return self.view.dot_gradients if self.model.mode == "eval" else None
+
     def inverse_hvp(self, vectors):
         """In the model's precision, like the training gradients it is multiplied with: a float64 result
         would turn every score GEMM into a float64 one (half the speed) on a float32 model."""
@@ -220,6 +231,7 @@ class EKFAC(Approximator):
         import torch
 
         from influence_store.layers import gauss_newton_product
+        from influence_store.solvers import block_pcg, pcg
 
         damping = self.options.damping
         if self.options.refine_curvature == "hessian":
@@ -229,8 +241,9 @@ class EKFAC(Approximator):
             def curvature(v):
                 return gauss_newton_product(self.view, v, self.options.batch_size).to(torch.float64) + damping * v
 
-        x, trace, products, stalled = block_pcg(curvature, self.precondition, b.to(torch.float64),
-                                                self.options.refine_iters, self.options.refine_tol)
+        solve = block_pcg if self.options.refine_method == "block" else pcg
+        x, trace, products, stalled = solve(curvature, self.precondition, b.to(torch.float64),
+                                            self.options.refine_iters, self.options.refine_tol)
         d = self.diagnostics
         d["refine_calls"] = d.get("refine_calls", 0) + 1
         d["refine_curvature_products"] = d.get("refine_curvature_products", 0) + products
@@ -300,58 +313,6 @@ def _rotated_gradients(layer, qa, qs, a, ds, budget_bytes: int, order: str | Non
             yield torch.einsum("bto,bti->boi", _flush(ds[s:s + step] @ qs), _flush(a[s:s + step] @ qa))
         else:
             yield _flush(qs.T @ _flush(torch.einsum("bto,bti->boi", ds[s:s + step], a[s:s + step]))) @ qa
-
-
-def block_pcg(curvature, precondition, b, iters: int, tol: float):
-    """Block preconditioned CG (O'Leary 1980) on every row of ``b`` [k, p] at once, from zero. Returns (x,
-    trace of the largest relative residual, curvature products used, rows stopped by curvature <= 0).
-
-    All rows share one search space: each step's directions are the preconditioned residuals of every row,
-    made conjugate to the previous step's, and every row takes its best combination of all of them. The
-    few outlying eigenvalues of a network's Hessian (about one per class) are then found once for the
-    block instead of once per row: on the digits MLP of docs/ekfac.md, 15 batched products instead of 23.
-    The first step is the preconditioner's answer, optimally mixed. The answer depends (within ``tol``) on
-    which rows are solved together. Dependent directions are dropped; if the block meets curvature <= 0
-    (an indefinite Hessian), it stops there, keeps its last iterate and counts unconverged rows as stalled.
-    """
-    import torch
-
-    norms = b.norm(dim=1).clamp_min(1e-300)
-    x, r = torch.zeros_like(b), b.clone()
-    residual = r.norm(dim=1) / norms
-    trace, products, stalled = [float(residual.max())], 0, 0
-    p = q = chol = None  # the last step's directions, their products and its Cholesky factor
-    for _ in range(iters):
-        if float(residual.max()) <= tol:
-            break
-        z = precondition(r)
-        p = z if p is None else z - torch.cholesky_solve(q @ z.T, chol).T @ p  # conjugate to the last ones
-        p = _orthonormal_rows(p)
-        if p is None:
-            break
-        q = curvature(p)
-        products += 1
-        chol, not_positive = torch.linalg.cholesky_ex((p @ q.T + q @ p.T) / 2)
-        if not_positive:
-            stalled = int((residual > tol).sum())
-            break
-        alpha = torch.cholesky_solve(p @ r.T, chol)  # [m, k]
-        x = x + alpha.T @ p
-        r = r - alpha.T @ q
-        residual = r.norm(dim=1) / norms
-        trace.append(float(residual.max()))
-    return x, trace, products, stalled
-
-
-def _orthonormal_rows(p):
-    """Orthonormal rows spanning those of ``p``, without numerically dependent ones; None when none is left."""
-    import torch
-
-    w, v = torch.linalg.eigh(p @ p.T)
-    keep = w > 1e-12 * w[-1].clamp_min(1e-300)
-    if w[-1] <= 0 or not keep.any():
-        return None
-    return (v[:, keep] / w[keep].sqrt()).T @ p
 
 
 def fit_factors(view, options, seed: int) -> dict:

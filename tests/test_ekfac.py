@@ -121,6 +121,31 @@ def test_layer_view_rebuilds_autograd_per_example_gradients():
     assert torch.equal(back, expected)
 
 
+@pytest.mark.parametrize("budget_mb", [64, 0.001])
+def test_layer_view_dot_products_equal_flat_per_example_gradients(budget_mb):
+    """vectors @ g_i from the hooks, every layer kind and a diagonal block, against vmap gradients; a tiny
+    budget takes the examples one at a time."""
+    task = mixed_task()
+    model = TrackedModel(task, tracked_parameters(task.model, "all"), memory_budget_mb=budget_mb)
+    view = LayerView(model)
+    vectors = torch.randn(5, model.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    indices = list(range(3, 17))
+    expected = vectors @ model.per_example_grads("train", indices).T
+    assert relative_error(view.dot_gradients(vectors, indices), expected) < 1e-10
+
+
+def test_ekfac_scores_come_from_the_layer_view_and_equal_flat_scores():
+    task = mixed_task()
+    computation = ist.compute_scores(task, approximator="ekfac", options={"damping": 0.1})
+    assert computation.plan.train_grads_cached is False  # nothing flat to cache
+    model, ekfac = computation.model, computation.approximator
+    g_test = model.per_example_grads("test", range(len(task.test)))
+    expected = ekfac.inverse_hvp(g_test) @ model.per_example_grads("train", range(len(task.train))).T
+    assert relative_error(computation.matrix(), expected) < 1e-10
+    train_mode = ist.compute_scores(task, approximator="ekfac", options={"damping": 0.1}, model_mode="train")
+    assert train_mode.approximator.training_dot_products() is None  # the layer view runs in eval mode
+
+
 def test_gauss_newton_fisher_sums_to_the_gauss_newton_matrix():
     """The per-output passes' gradient outer products sum to J^T H_out J (checked with jacobians)."""
     task = mixed_task(n=6)
@@ -179,17 +204,23 @@ def digits():
     return task, g, exact.inverse_hvp(g)
 
 
-def test_refinement_converges_to_exact(digits):
+@pytest.mark.parametrize("method", ["block", "vector"])
+def test_refinement_converges_to_exact(digits, method):
     task, g, truth = digits
-    ekfac, model = approximator(task, "ekfac", damping=0.01, refine_iters=200, refine_tol=1e-9)
+    ekfac, model = approximator(task, "ekfac", damping=0.01, refine_iters=200, refine_tol=1e-9, refine_method=method)
     refined = ekfac.inverse_hvp(g)
     assert relative_error(refined, truth) < 1e-6
     assert relative_error(ekfac.precondition(g), truth) > 1e-2  # refinement did the work
     trace = ekfac.diagnostics["refine_residual_traces"][0]
     assert trace[-1] < 1e-9 < trace[0] and len(trace) == ekfac.diagnostics["refine_curvature_products"] + 1
-    few, _ = approximator(task, "ekfac", damping=0.01, refine_iters=2)
+    few, _ = approximator(task, "ekfac", damping=0.01, refine_iters=2, refine_method=method)
     assert relative_error(few.inverse_hvp(g), truth) > 1e-6  # the iteration count is honoured
     assert len(few.diagnostics["refine_residual_traces"][0]) == 3
+    alone = torch.cat([few.inverse_hvp(g[i:i + 1]) for i in range(2)])  # each vector in a call of its own
+    if method == "vector":
+        assert relative_error(alone, few.inverse_hvp(g)[:2]) < 1e-10
+    else:  # the block shares its search space: more vectors, a better answer from the same 2 products
+        assert relative_error(few.inverse_hvp(g)[:2], truth[:2]) < relative_error(alone, truth[:2])
 
 
 def test_refinement_on_the_gauss_newton_matrix_reduces_its_residual(digits):
@@ -206,7 +237,7 @@ def test_refinement_on_the_gauss_newton_matrix_reduces_its_residual(digits):
 
 
 def test_block_cg_solves_dependent_rows_and_stops_at_negative_curvature():
-    from influence_store.plugins.ekfac import block_pcg
+    from influence_store.solvers import block_pcg
 
     torch.manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64))

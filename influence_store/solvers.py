@@ -1,0 +1,97 @@
+"""Conjugate gradient on many right-hand sides at once, for approximators that refine or solve iteratively.
+
+``curvature(v)`` and ``precondition(r)`` take and return [k, p] float64 rows; both solvers start from zero
+and return (x, trace of the largest relative residual after each product, curvature products used, rows
+stopped by curvature <= 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def block_pcg(curvature, precondition, b, iters: int, tol: float):
+    """Block preconditioned CG (O'Leary 1980) on every row of ``b`` [k, p] at once, from zero. Returns (x,
+    trace of the largest relative residual, curvature products used, rows stopped by curvature <= 0).
+
+    All rows share one search space: each step's directions are the preconditioned residuals of every row,
+    made conjugate to the previous step's, and every row takes its best combination of all of them. The
+    few outlying eigenvalues of a network's Hessian (about one per class) are then found once for the
+    block instead of once per row: on the digits MLP of docs/ekfac.md, 15 batched products instead of 23.
+    The first step is the preconditioner's answer, optimally mixed. The answer depends (within ``tol``) on
+    which rows are solved together. Dependent directions are dropped; if the block meets curvature <= 0
+    (an indefinite Hessian), it stops there, keeps its last iterate and counts unconverged rows as stalled.
+    """
+    norms = b.norm(dim=1).clamp_min(1e-300)
+    x, r = torch.zeros_like(b), b.clone()
+    residual = r.norm(dim=1) / norms
+    trace, products, stalled = [float(residual.max())], 0, 0
+    p = q = chol = None  # the last step's directions, their products and its Cholesky factor
+    for _ in range(iters):
+        if float(residual.max()) <= tol:
+            break
+        z = precondition(r)
+        p = z if p is None else z - torch.cholesky_solve(q @ z.T, chol).T @ p  # conjugate to the last ones
+        p = _orthonormal_rows(p)
+        if p is None:
+            break
+        q = curvature(p)
+        products += 1
+        chol, not_positive = torch.linalg.cholesky_ex((p @ q.T + q @ p.T) / 2)
+        if not_positive:
+            stalled = int((residual > tol).sum())
+            break
+        alpha = torch.cholesky_solve(p @ r.T, chol)  # [m, k]
+        x = x + alpha.T @ p
+        r = r - alpha.T @ q
+        residual = r.norm(dim=1) / norms
+        trace.append(float(residual.max()))
+    return x, trace, products, stalled
+
+
+def _orthonormal_rows(p):
+    """Orthonormal rows spanning those of ``p``, without numerically dependent ones; None when none is left."""
+    w, v = torch.linalg.eigh(p @ p.T)
+    keep = w > 1e-12 * w[-1].clamp_min(1e-300)
+    if w[-1] <= 0 or not keep.any():
+        return None
+    return (v[:, keep] / w[keep].sqrt()).T @ p
+
+
+def pcg(curvature, precondition, b, iters: int, tol: float):
+    """Preconditioned CG on each row of ``b`` on its own (rows share each batched product), from zero.
+    Returns what ``block_pcg`` does; a row's answer does not depend on the other rows.
+
+    A row stops when its residual is below ``tol`` or its direction meets curvature <= 0 (an indefinite
+    Hessian): its last iterate is kept, and the count is reported.
+    """
+    norms = b.norm(dim=1).clamp_min(1e-300)
+    x, r, products = torch.zeros_like(b), b.clone(), 0
+    residual = r.norm(dim=1) / norms
+    trace = [float(residual.max())]
+    active = residual > tol
+    z = precondition(r)
+    p = z.clone()
+    rz = (r * z).sum(1)
+    stalled = torch.zeros_like(active)
+    for _ in range(iters):
+        if not active.any():
+            break
+        ap = curvature(p)
+        products += 1
+        pap = (p * ap).sum(1)
+        bad = active & (pap <= 0)
+        stalled |= bad
+        active &= ~bad
+        alpha = torch.where(active, rz / torch.where(active, pap, torch.ones_like(pap)), torch.zeros_like(rz))
+        x = x + alpha[:, None] * p
+        r = r - alpha[:, None] * ap
+        residual = torch.where(active, r.norm(dim=1) / norms, residual)
+        trace.append(float(residual.max()))
+        active &= residual > tol
+        z = precondition(r)
+        rz_new = (r * z).sum(1)
+        beta = torch.where(active, rz_new / torch.where(rz == 0, torch.ones_like(rz), rz), torch.zeros_like(rz))
+        p = z + beta[:, None] * p
+        rz = rz_new
+    return x, trace, products, int(stalled.sum())
