@@ -7,7 +7,7 @@ An approximator receives the curvature of the training loss as a ``TrackedModel`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 from .options import NoOptions
 
@@ -48,7 +48,7 @@ class Approximator:
         """Approximate ``(H + ridge)^-1 v`` for every row v of ``vectors`` [k, p]."""
         raise NotImplementedError
 
-    def training_dot_products(self) -> Callable[[Tensor, list[int]], Tensor] | None:
+    def training_dot_products(self) -> Callable[[Tensor, Sequence[int]], Tensor] | None:
         """Optional: a function ``(vectors [k, p], train indices) -> vectors @ g_i`` [k, len(indices)] that is
         cheaper than the engine's flat per-example gradients (e.g. from each layer's inputs and output
         gradients). Asked once, after ``prepare``; the engine then never caches flat training gradients.
