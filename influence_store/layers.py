@@ -215,6 +215,18 @@ class LayerView:
                 total[:, start:start + len(chunk)] += (self.diagonal(vectors) @ grads.T).to(torch.float64)
         return total
 
+    def reproduces_gradients(self, examples: int = 2) -> bool:
+        """Whether ``dot_gradients`` equals the flat per-example gradients' dot products on the first
+        training examples. It does not when a tracked parameter is also used outside its own layer (tied
+        weights), a use the hooks cannot see."""
+        indices = list(range(min(examples, len(self.model.task.train))))
+        if not indices:
+            return True
+        flat = self.model.per_example_grads("train", indices)
+        want = (flat @ flat.T).to(torch.float64)
+        got = self.dot_gradients(flat, indices).cpu()
+        return bool(torch.allclose(got, want.cpu(), rtol=1e-3, atol=1e-3 * float(want.abs().max())))
+
     # ---------- capture ----------
     def captures(self, indices: Sequence[int], fisher: str = "empirical",
                  generator: torch.Generator | None = None, samples: int = 1) -> Iterator[list[tuple[Tensor, Tensor]]]:

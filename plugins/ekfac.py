@@ -196,10 +196,10 @@ class EKFAC(Approximator):
         ``g_i^T P g_i = sum (Q_S^T G_i Q_A)^2 * inverse eigenvalues``, one rotation of each example's
         gradient instead of the two (and the flat gradient) that ``inverse_hvp`` takes; for a Linear layer
         (one position) not even the gradient matrix is formed. None with refinement, whose inverse has no
-        such form, or with training gradients taken in train mode (the layer view runs in eval mode)."""
+        such form, or where the layer view does not give the model's gradients (``_layer_view_is_exact``)."""
         import torch
 
-        if self.options.refine_iters or self.model.mode != "eval":
+        if self.options.refine_iters or not self._layer_view_is_exact():
             return None
         tm, f64 = self.model, torch.float64
         out = []
@@ -218,8 +218,22 @@ class EKFAC(Approximator):
     def training_dot_products(self):
         """Scores from each layer's inputs and output gradients (``LayerView.dot_gradients``), never the flat
         per-example gradients: on the 1M-parameter CNN those cost 4-6 ms per example to form and copy.
-        None for training gradients taken in train mode (the layer view runs in eval mode)."""
-        return self.view.dot_gradients if self.model.mode == "eval" else None
+        None where the layer view does not give the model's gradients (``_layer_view_is_exact``)."""
+        return self.view.dot_gradients if self._layer_view_is_exact() else None
+
+    def _layer_view_is_exact(self) -> bool:
+        """Whether the layer view's gradients are the model's: not in train mode (the view runs in eval
+        mode), and checked once on two training examples against the flat gradients, which catches a
+        parameter used outside its own layer (tied weights) that the hooks cannot see. The factors are an
+        approximation either way; scores and self-influence then take the flat gradients."""
+        if "layer_view_gradients" not in self.diagnostics:
+            if self.model.mode != "eval":
+                verdict = "not used: training gradients in train mode"
+            else:
+                verdict = "exact" if self.view.reproduces_gradients() else \
+                    "not used: they differ from the model's (a parameter used outside its layer?)"
+            self.diagnostics["layer_view_gradients"] = verdict
+        return self.diagnostics["layer_view_gradients"] == "exact"
 
     def inverse_hvp(self, vectors):
         """In the model's precision, like the training gradients it is multiplied with: a float64 result

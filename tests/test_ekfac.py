@@ -146,6 +146,37 @@ def test_ekfac_scores_come_from_the_layer_view_and_equal_flat_scores():
     assert train_mode.approximator.training_dot_products() is None  # the layer view runs in eval mode
 
 
+class Tied(torch.nn.Module):
+    """The embedding's weight is also the output layer, a use the layer view's hooks cannot see."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(7, 4)
+        self.mix = torch.nn.Linear(4, 4)
+
+    def forward(self, tokens):
+        return torch.tanh(self.mix(self.embed(tokens).mean(1))) @ self.embed.weight.T
+
+
+def test_tied_weights_take_the_flat_gradients():
+    g = torch.Generator().manual_seed(0)
+    tokens, labels = torch.randint(0, 7, (20, 5), generator=g), torch.randint(0, 7, (20,), generator=g)
+    torch.manual_seed(0)
+    model = Tied().double()
+    task = ist.Task(model, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"),
+                    TensorDataset(tokens, labels), TensorDataset(tokens[:6], labels[:6]))
+    computation = ist.compute_scores(task, approximator="ekfac", options={"damping": 0.1})
+    ekfac, tm = computation.approximator, computation.model
+    assert not ekfac.view.reproduces_gradients()
+    assert ekfac.training_dot_products() is None and ekfac.self_influence([0, 1]) is None
+    assert ekfac.diagnostics["layer_view_gradients"].startswith("not used")
+    flat = tm.per_example_grads("train", range(20))
+    expected = ekfac.inverse_hvp(tm.per_example_grads("test", range(6))) @ flat.T
+    assert relative_error(computation.matrix(), expected) < 1e-10
+    assert relative_error(computation.self_influence(), (ekfac.inverse_hvp(flat) * flat).sum(1)) < 1e-10
+    assert LayerView(TrackedModel(mixed_task(), tracked_parameters(Mixed(), "all"))).reproduces_gradients()
+
+
 def test_gauss_newton_fisher_sums_to_the_gauss_newton_matrix():
     """The per-output passes' gradient outer products sum to J^T H_out J (checked with jacobians)."""
     task = mixed_task(n=6)
