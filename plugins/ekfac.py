@@ -3,7 +3,7 @@
 For a tracked layer with input rows ``a`` and output-gradient rows ``ds`` (see ``influence_store.layers``),
 K-FAC approximates the layer's block of the Fisher / Gauss-Newton matrix ``F`` by ``A (x) S`` with
 
-    A = mean over rows of a a^T,    S = mean over rows of ds ds^T      (float64)
+    A = mean over rows of a a^T,    S = mean over rows of ds ds^T      (float64 sums of per-batch products)
 
 (a row is an example for a plain Linear layer, an example x position for a convolution). With the
 eigendecompositions ``A = Q_A diag(l_A) Q_A^T`` and ``S = Q_S diag(l_S) Q_S^T``, K-FAC's eigenvalues in the
@@ -347,8 +347,9 @@ def fit_factors(view, options, seed: int) -> dict:
     for idx in batches(n, options.batch_size):
         for column, captured in enumerate(view.captures(idx, options.fisher, generator, options.samples)):
             for i, (layer, (a, ds)) in enumerate(zip(view.layers, captured)):
-                ds = ds.reshape(-1, ds.shape[-1]).to(f64)
-                cov_s[i] += ds.T @ ds
+                # each batch's product in the model's precision, accumulated in float64
+                ds = ds.reshape(-1, ds.shape[-1])
+                cov_s[i] += (ds.T @ ds).to(f64)
                 if column:
                     continue  # the inputs are the same for every backward pass of a batch
                 if layer.kind == "embedding":
@@ -357,8 +358,8 @@ def fit_factors(view, options, seed: int) -> dict:
                         ids = ids[ids != layer.module.padding_idx]
                     cov_a[i] += torch.bincount(ids, minlength=layer.in_dim).to(f64)
                 else:
-                    a = a.reshape(-1, a.shape[-1]).to(f64)
-                    cov_a[i] += a.T @ a
+                    a = a.reshape(-1, a.shape[-1])
+                    cov_a[i] += (a.T @ a).to(f64)
                 rows[i] += ds.shape[0]
     layers = []
     for layer, a, s, count in zip(view.layers, cov_a, cov_s, rows):
