@@ -193,6 +193,7 @@ class LayerView:
         tm, k, indices = self.model, vectors.shape[0], list(indices)
         vectors = vectors.to(tm.device, tm.dtype)
         matrices = [self.matrix(vectors, layer).contiguous() for layer in self.layers]  # [k, out, in], once
+        diagonal = self.diagonal(vectors) if self.diagonal_names else None
         total = torch.zeros(k, len(indices), dtype=torch.float64, device=tm.device)
         batch = tm.grad_chunk_size()
         for start in range(0, len(indices), batch):
@@ -210,9 +211,9 @@ class LayerView:
                     else:
                         grads = layer.per_example_grads(a[s:s + step], ds[s:s + step])
                         into += (m.reshape(k, -1) @ grads.reshape(len(grads), -1).T).to(torch.float64)
-            if self.diagonal_names:
+            if diagonal is not None:
                 grads = self.diagonal_model().per_example_grads("train", chunk).to(tm.device, tm.dtype)
-                total[:, start:start + len(chunk)] += (self.diagonal(vectors) @ grads.T).to(torch.float64)
+                total[:, start:start + len(chunk)] += (diagonal @ grads.T).to(torch.float64)
         return total
 
     def reproduces_gradients(self, examples: int = 2) -> bool:

@@ -11,8 +11,7 @@ import torch
 
 
 def block_pcg(curvature, precondition, b, iters: int, tol: float):
-    """Block preconditioned CG (O'Leary 1980) on every row of ``b`` [k, p] at once, from zero. Returns (x,
-    trace of the largest relative residual, curvature products used, rows stopped by curvature <= 0).
+    """Block preconditioned CG (O'Leary 1980) on every row of ``b`` [k, p] at once.
 
     All rows share one search space: each step's directions are the preconditioned residuals of every row,
     made conjugate to the previous step's, and every row takes its best combination of all of them. The
@@ -59,8 +58,8 @@ def _orthonormal_rows(p):
 
 
 def pcg(curvature, precondition, b, iters: int, tol: float):
-    """Preconditioned CG on each row of ``b`` on its own (rows share each batched product), from zero.
-    Returns what ``block_pcg`` does; a row's answer does not depend on the other rows.
+    """Preconditioned CG on each row of ``b`` on its own (rows share each batched product): a row's answer
+    does not depend on the other rows.
 
     A row stops when its residual is below ``tol`` or its direction meets curvature <= 0 (an indefinite
     Hessian): its last iterate is kept, and the count is reported.

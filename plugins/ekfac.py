@@ -89,6 +89,7 @@ class EKFAC(Approximator):
                 raise ValueError("refine_method must be block or vector")
 
     _factors: dict | None = None
+    _view_exact: bool | None = None  # the layer view's gradients are the model's (checked once)
 
     @property
     def effective_damping(self) -> float:
@@ -226,14 +227,12 @@ class EKFAC(Approximator):
         mode), and checked once on two training examples against the flat gradients, which catches a
         parameter used outside its own layer (tied weights) that the hooks cannot see. The factors are an
         approximation either way; scores and self-influence then take the flat gradients."""
-        if "layer_view_gradients" not in self.diagnostics:
-            if self.model.mode != "eval":
-                verdict = "not used: training gradients in train mode"
-            else:
-                verdict = "exact" if self.view.reproduces_gradients() else \
-                    "not used: they differ from the model's (a parameter used outside its layer?)"
-            self.diagnostics["layer_view_gradients"] = verdict
-        return self.diagnostics["layer_view_gradients"] == "exact"
+        if self._view_exact is None:
+            self._view_exact = self.model.mode == "eval" and self.view.reproduces_gradients()
+            self.diagnostics["layer_view_gradients"] = "exact" if self._view_exact else \
+                "not used: training gradients in train mode" if self.model.mode != "eval" else \
+                "not used: they differ from the model's (a parameter used outside its layer?)"
+        return self._view_exact
 
     def inverse_hvp(self, vectors):
         """In the model's precision, like the training gradients it is multiplied with: a float64 result
