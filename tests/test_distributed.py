@@ -26,16 +26,18 @@ from influence_store.cli.main import cli
 
 TESTS = Path(__file__).parent
 SPEC = '''
+import os
 import time
 
 import torch
 from tasks import bce_loss, breast_cancer_task
 
 
-def paced(pace="0.01"):
-    """100 train x 12 test; every loss call sleeps ``pace`` seconds, so blocks take a while."""
+def paced(pace="0.01", fast_after=""):
+    """100 train x 12 test; every loss call sleeps ``pace`` seconds (0.01 once the file ``fast_after`` exists),
+    so blocks take a while."""
     def loss(model, batch):
-        time.sleep(float(pace))
+        time.sleep(0.01 if fast_after and os.path.exists(fast_after) else float(pace))
         return bce_loss(model, batch)
 
     task = breast_cancer_task(n_train=100)
@@ -138,13 +140,16 @@ def test_two_dask_workers_into_postgresql_one_killed_mid_run_store_the_single_pr
 
 
 def test_a_process_that_joined_and_is_interrupted_leaves_the_run_to_the_other(spec, reference, tmp_path):
-    db = tmp_path / "shared.db"
-    # One registers the run, the other joins; the second's blocks take seconds each, so it is still busy with
-    # one when it is interrupted, however loaded the machine.
-    first, second = start(db, spec, pace="0.1"), start(db, spec, pace="1.0")
+    db, fast = tmp_path / "shared.db", tmp_path / "fast"
+    # One registers the run, the other joins. Every block takes seconds in both until both hold one, however
+    # loaded the machine (neither can finish the run alone first); then the first speeds up, and the second is
+    # still busy with its block when it is interrupted.
+    first = start(db, spec, "-t", "fast_after", str(fast), pace="1.0")
+    second = start(db, spec, pace="1.0")
     owners = wait_for(lambda: {pid_of(o) for _, o in held_blocks(db)} >= {first.pid, second.pid} and held_blocks(db),
                       "both processes to hold blocks", [first, second])
     assert len(owners) >= 2
+    fast.touch()
     listed = json.loads(CliRunner().invoke(cli, ["--db", str(db), "runs", "list", "--json"]).stdout)[0]
     assert listed["status"] == "running" and len(listed["workers"]) == 2
 
@@ -160,7 +165,7 @@ def test_a_process_that_joined_and_is_interrupted_leaves_the_run_to_the_other(sp
 
 def test_a_killed_run_shows_interrupted_then_the_same_command_finishes_it(spec, reference, tmp_path):
     db = tmp_path / "killed.db"
-    process = start(db, spec, "--lease", "1", pace="0.03")
+    process = start(db, spec, "--lease", "1", pace="0.1")
     wait_for(lambda: query(db, "SELECT 1 FROM run_chunks WHERE run_id = 1") and held_blocks(db), "a stored block",
              [process])  # killed while it holds a block: that lease must run out by itself
     process.send_signal(signal.SIGKILL)

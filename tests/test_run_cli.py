@@ -41,7 +41,7 @@ def small():
 
 
 def paced_loss(model, batch):
-    time.sleep(0.02)  # each chunk takes >= ~0.1 s even on a fast machine, so a kill can land between chunks
+    time.sleep(0.05)  # each chunk takes >= ~0.25 s even on a fast machine, so a kill can land between chunks
     return bce_loss(model, batch)
 
 
