@@ -188,30 +188,30 @@ def refine(args) -> None:
         return tm.hvp(v).double() + args.ridge * v
 
     _, row_trace = row_cg(curvature, g, 200, 1e-8)  # one unpreconditioned CG per row (batched)
-    _, block_trace, _, _ = block_pcg(curvature, lambda r: r, g, 200, 1e-8)  # one unpreconditioned block CG
 
     def needed(trace, residual):
         return next((k for k, value in enumerate(trace) if value <= residual), None)
 
-    for fisher in ("true", "gauss-newton"):
+    for fisher, preconditioner in (("true", "none"), ("true", "ekfac"), ("empirical", "ekfac")):
         started = time.perf_counter()
         ekfac = EKFAC(EKFAC.Options(damping=args.ridge, fisher=fisher, refine_iters=args.refine_iters,
-                                    refine_tol=args.refine_tol), tm)
+                                    refine_tol=args.refine_tol, refine_preconditioner=preconditioner), tm)
         ekfac.prepare()
         refined = ekfac.inverse_hvp(g) @ grads.T
         seconds = time.perf_counter() - started
         used = ekfac.diagnostics["refine_curvature_products"]
         target = ekfac.diagnostics["refine_residual_traces"][0][-1]
-        print(f"fisher={fisher}: EK-FAC alone Pearson {pearson_columns(ekfac.precondition(g) @ grads.T, truth)}; "
-              f"refined to residual {target:.1e}: Pearson {pearson_columns(refined, truth)}, {used} batched "
-              f"Hessian products, {seconds:.1f} s; unpreconditioned CG to the same residual: "
-              f"{needed(row_trace, target)} per row, {needed(block_trace, target)} as a block")
-        print("  products  Pearson (min / mean)      residual  CG per row  CG block   (to the same residual)")
+        precondition = ekfac.precondition if preconditioner == "ekfac" else (lambda r: r)
+        print(f"fisher={fisher} refine_preconditioner={preconditioner}: EK-FAC alone Pearson "
+              f"{pearson_columns(ekfac.precondition(g) @ grads.T, truth)}; refined to residual {target:.1e}: "
+              f"Pearson {pearson_columns(refined, truth)}, {used} batched Hessian products, {seconds:.1f} s; "
+              f"unpreconditioned CG to the same residual: {needed(row_trace, target)} per row")
+        print("  products  Pearson (min / mean)      residual  CG per row  ratio")
         for k in range(1, 9):
-            xk, trace, _, _ = block_pcg(curvature, ekfac.precondition, g, k, 0.0)
-            r = trace[-1]
-            print(f"  {k:8d}  {pearson_columns(xk @ grads.T, truth):24s}  {r:8.1e}  {needed(row_trace, r)!s:>10}"
-                  f"  {needed(block_trace, r)!s:>8}")
+            xk, trace, _, _ = block_pcg(curvature, precondition, g, k, 0.0)
+            r, plain = trace[-1], needed(row_trace, trace[-1])
+            print(f"  {k:8d}  {pearson_columns(xk @ grads.T, truth):24s}  {r:8.1e}  {plain!s:>10}  "
+                  f"{plain / k if plain else float('nan'):5.2f}")
 
 
 def row_cg(curvature, b, iters: int, tol: float):

@@ -16,7 +16,7 @@ def block_pcg(curvature, precondition, b, iters: int, tol: float):
     All rows share one search space: each step's directions are the preconditioned residuals of every row,
     made conjugate to the previous step's, and every row takes its best combination of all of them. The
     few outlying eigenvalues of a network's Hessian (about one per class) are then found once for the
-    block instead of once per row: on the digits MLP of docs/ekfac.md, 15 batched products instead of 23.
+    block instead of once per row: on the digits MLP of docs/ekfac.md, 6 batched products instead of 23.
     The first step is the preconditioner's answer, optimally mixed. The answer depends (within ``tol``) on
     which rows are solved together. Dependent directions are dropped; if the block meets curvature <= 0
     (an indefinite Hessian), it stops there, keeps its last iterate and counts unconverged rows as stalled.
@@ -27,9 +27,10 @@ def block_pcg(curvature, precondition, b, iters: int, tol: float):
     trace, products, stalled = [float(residual.max())], 0, 0
     p = q = chol = None  # the last step's directions, their products and its Cholesky factor
     for _ in range(iters):
-        if float(residual.max()) <= tol:
+        active = residual > tol
+        if not active.any():
             break
-        z = precondition(r)
+        z = precondition(r[active])  # a solved row needs no new direction
         p = z if p is None else z - torch.cholesky_solve(q @ z.T, chol).T @ p  # conjugate to the last ones
         p = _orthonormal_rows(p)
         if p is None:
@@ -49,12 +50,19 @@ def block_pcg(curvature, precondition, b, iters: int, tol: float):
 
 
 def _orthonormal_rows(p):
-    """Orthonormal rows spanning those of ``p``, without numerically dependent ones; None when none is left."""
-    w, v = torch.linalg.eigh(p @ p.T)
-    keep = w > 1e-12 * w[-1].clamp_min(1e-300)
-    if w[-1] <= 0 or not keep.any():
-        return None
-    return (v[:, keep] / w[keep].sqrt()).T @ p
+    """Orthonormal rows spanning those of ``p``, without numerically dependent ones; None when none is left.
+
+    Rows are scaled to unit length first: a short row (a test example the model already fits, with a tiny
+    gradient) spans a direction as much as a long one, and must not be dropped for being short. A second
+    pass restores the orthogonality that the first one's Gram matrix loses."""
+    p = p / p.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    for _ in range(2):
+        w, v = torch.linalg.eigh(p @ p.T)
+        keep = w > 1e-12 * w[-1]
+        if not w[-1] > 0:
+            return None
+        p = (v[:, keep] / w[keep].sqrt()).T @ p
+    return p
 
 
 def pcg(curvature, precondition, b, iters: int, tol: float):

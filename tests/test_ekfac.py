@@ -235,16 +235,18 @@ def digits():
     return task, g, exact.inverse_hvp(g)
 
 
-@pytest.mark.parametrize("method", ["block", "vector"])
-def test_refinement_converges_to_exact(digits, method):
+@pytest.mark.parametrize("method, preconditioner", [("block", "auto"), ("block", "ekfac"), ("vector", "auto")])
+def test_refinement_converges_to_exact(digits, method, preconditioner):
     task, g, truth = digits
-    ekfac, model = approximator(task, "ekfac", damping=0.01, refine_iters=200, refine_tol=1e-9, refine_method=method)
+    ekfac, model = approximator(task, "ekfac", damping=0.01, refine_iters=200, refine_tol=1e-9, refine_method=method,
+                                refine_preconditioner=preconditioner)
     refined = ekfac.inverse_hvp(g)
     assert relative_error(refined, truth) < 1e-6
     assert relative_error(ekfac.precondition(g), truth) > 1e-2  # refinement did the work
     trace = ekfac.diagnostics["refine_residual_traces"][0]
     assert trace[-1] < 1e-9 < trace[0] and len(trace) == ekfac.diagnostics["refine_curvature_products"] + 1
-    few, _ = approximator(task, "ekfac", damping=0.01, refine_iters=2, refine_method=method)
+    few, _ = approximator(task, "ekfac", damping=0.01, refine_iters=2, refine_method=method,
+                          refine_preconditioner=preconditioner)
     assert relative_error(few.inverse_hvp(g), truth) > 1e-6  # the iteration count is honoured
     assert len(few.diagnostics["refine_residual_traces"][0]) == 3
     alone = torch.cat([few.inverse_hvp(g[i:i + 1]) for i in range(2)])  # each vector in a call of its own
@@ -252,6 +254,22 @@ def test_refinement_converges_to_exact(digits, method):
         assert relative_error(alone, few.inverse_hvp(g)[:2]) < 1e-10
     else:  # the block shares its search space: more vectors, a better answer from the same 2 products
         assert relative_error(few.inverse_hvp(g)[:2], truth[:2]) < relative_error(alone, truth[:2])
+
+
+def test_refinement_without_the_preconditioner_is_plain_block_cg(digits, monkeypatch):
+    from influence_store.solvers import block_pcg
+
+    task, g, truth = digits
+    ekfac, model = approximator(task, "ekfac", damping=0.01, refine_iters=200, refine_tol=1e-9,
+                                refine_preconditioner="none")
+    monkeypatch.setattr(ekfac, "precondition", lambda r: pytest.fail("the factors were used"))
+    assert relative_error(ekfac.inverse_hvp(g), truth) < 1e-6
+    few, _ = approximator(task, "ekfac", damping=0.01, refine_iters=3, refine_preconditioner="none")
+    plain, trace, _, _ = block_pcg(lambda v: model.hvp(v).double() + 0.01 * v, lambda r: r, g.double(), 3, 0.0)
+    assert relative_error(few.inverse_hvp(g), plain) < 1e-10
+    assert few.diagnostics["refine_residual_traces"][0] == pytest.approx(trace, rel=1e-6)
+    auto, _ = approximator(task, "ekfac", damping=0.01, refine_iters=3)  # the block method's default
+    assert torch.equal(auto.inverse_hvp(g), few.inverse_hvp(g))
 
 
 def test_refinement_on_the_gauss_newton_matrix_reduces_its_residual(digits):
@@ -284,12 +302,41 @@ def test_block_cg_solves_dependent_rows_and_stops_at_negative_curvature():
     assert stalled == len(b) and torch.isfinite(x).all() and products < 40
 
 
+def test_block_cg_is_the_best_answer_in_its_block_krylov_space_for_short_and_long_rows():
+    """After m products, every row's iterate is the Galerkin solution over span{Z, (MA)Z, ..., (MA)^(m-1) Z},
+    Z = M B, built here with explicit orthogonalization; rows as short as 1e-7 (a test example the model
+    already fits) must keep their directions in that space."""
+    from influence_store.solvers import block_pcg
+
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(60, 60, dtype=torch.float64))
+    spd = q @ torch.diag(torch.logspace(-2, 1, 60, dtype=torch.float64)) @ q.T
+    m_half = torch.randn(60, 60, dtype=torch.float64) / 60 + torch.eye(60, dtype=torch.float64)
+    preconditioner = m_half @ m_half.T
+    b = torch.randn(6, 60, dtype=torch.float64) * torch.logspace(-7, 0, 6, dtype=torch.float64)[:, None]
+    for products in (1, 2, 3):
+        blocks, z = [], b @ preconditioner
+        for _ in range(products):
+            if blocks:
+                basis = torch.cat(blocks)
+                z = z - (z @ basis.T) @ basis
+            blocks.append(torch.linalg.qr(z.T).Q.T)
+            z = blocks[-1] @ spd @ preconditioner
+        k = torch.cat(blocks)
+        galerkin = torch.linalg.solve(k @ spd @ k.T, k @ b.T).T @ k
+        x, trace, used, _ = block_pcg(lambda v: v @ spd, lambda r: r @ preconditioner, b, products, 0.0)
+        assert used == products and len(trace) == products + 1
+        assert torch.allclose(x, galerkin, rtol=1e-8, atol=0), products
+
+
 def test_bad_options_are_clear_errors():
     task = linear_regression_task()
     with pytest.raises(InfluenceStoreError, match="strategy must be ekfac or kfac"):
         ist.compute_scores(task, approximator="ekfac", options={"strategy": "kfc"})
     with pytest.raises(InfluenceStoreError, match="fisher must be one of"):
         ist.compute_scores(task, approximator="ekfac", options={"fisher": "real"})
+    with pytest.raises(InfluenceStoreError, match="refine_preconditioner must be auto, ekfac or none"):
+        ist.compute_scores(task, approximator="ekfac", options={"refine_preconditioner": "jacobi"})
 
 
 class SmallCNN(torch.nn.Module):
