@@ -13,7 +13,7 @@ aligning the sign convention (pyDVL's and dattri's signs differ from ours), and 
 scores are all zero or contain NaN.
 
 "tight torch" is the limit: the same arithmetic written directly with torch.func in this file, with no
-framework around it (vmap per-example gradients, forward-over-reverse HVPs over the whole batch, a dense
+framework around it (vmap per-example gradients, reverse-over-reverse HVPs over the whole batch, a dense
 Hessian by one vmap over the identity, Cholesky, one GEMM).
 """
 
@@ -31,7 +31,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the peers draw progress bars
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
-from torch.func import functional_call, grad, jvp, vmap  # noqa: E402
+from torch.func import functional_call, grad, vjp, vmap  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -101,8 +101,8 @@ class Tight:
     def hvp(self, vectors, x=None, y=None):  # the full training set in one batch unless given one
         x = self.xtr if x is None else x
         y = self.ytr if y is None else y
-        g = grad(self.loss)
-        hv = vmap(lambda v: jvp(lambda f: g(f, x, y), (self.flat,), (v,))[1])(vectors.to(self.flat.dtype))
+        _, pullback = vjp(lambda f: grad(self.loss)(f, x, y), self.flat)  # reverse-over-reverse
+        hv = vmap(lambda v: pullback(v)[0])(vectors.to(self.flat.dtype))
         return hv / len(x)
 
     def exact(self, xte, yte, ridge):

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, vjp, vmap
 from torch.utils._pytree import tree_map
 
 from .errors import InfluenceStoreError
@@ -87,7 +87,7 @@ class TrackedModel:
         self.verbose = verbose
         self.grad_strategy = "vmap"
         self.grad_path: dict[str, str] = {"path": "vmap", "why": "torch.func traces the model"}
-        self.hvp_strategy = "forward-over-reverse"  # torch.func; "double-backward" where it cannot trace
+        self.hvp_strategy = "reverse-over-reverse"  # torch.func; "double-backward" where it cannot trace
         self.notes: list[str] = []
 
     # ---------- plumbing ----------
@@ -328,24 +328,24 @@ class TrackedModel:
         return rows, examples
 
     def _hvp_sum(self, vectors: Tensor, batch: Any) -> Tensor:
-        """Sum over the batch's examples of ``H_i v`` for every row of ``vectors``: forward-over-reverse
-        (``jvp`` of ``grad``, vmapped over the vectors) where torch.func traces the model, else double
-        backward with every vector through one graph. The choice depends only on the model, never on
-        timings, so a run repeats bit for bit (docs/engine.md, "Curvature")."""
-        if self.hvp_strategy == "forward-over-reverse":
+        """Sum over the batch's examples of ``H_i v`` for every row of ``vectors``: reverse-over-reverse
+        (the pullback of ``grad``, built once per batch and vmapped over the vectors) where torch.func
+        traces the model, else double backward with every vector through one graph. The choice depends only
+        on the model, never on timings, so a run repeats bit for bit (docs/engine.md, "Curvature")."""
+        if self.hvp_strategy == "reverse-over-reverse":
             try:
-                return self._hvp_sum_forward(vectors, batch)
+                return self._hvp_sum_reverse(vectors, batch)
             except InfluenceStoreError:
                 raise
-            except Exception as exc:  # an op without a forward-mode or batching rule
+            except Exception as exc:  # an op without a batching rule
                 self.hvp_strategy = "double-backward"
-                self.notes.append(f"HVPs by double backward: forward-over-reverse failed ({_first_line(exc)})")
+                self.notes.append(f"HVPs by double backward: reverse-over-reverse failed ({_first_line(exc)})")
         return self._hvp_sum_backward(vectors, batch)
 
-    def _hvp_sum_forward(self, vectors: Tensor, batch: Any) -> Tensor:
+    def _hvp_sum_reverse(self, vectors: Tensor, batch: Any) -> Tensor:
         gradient = grad(lambda flat: self._losses(flat, batch).sum())
-        flat = self.flat.detach()
-        return vmap(lambda tangent: jvp(gradient, (flat,), (tangent,))[1])(vectors).detach()
+        _, pullback = vjp(gradient, self.flat.detach())
+        return vmap(lambda cotangent: pullback(cotangent)[0])(vectors).detach()
 
     def _hvp_sum_backward(self, vectors: Tensor, batch: Any) -> Tensor:
         flat = self.flat.detach().requires_grad_(True)
