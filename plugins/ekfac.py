@@ -39,6 +39,10 @@ from influence_store.options import option
 
 STATE_VERSION = 1
 MAX_TRACED_CALLS = 20  # refinement calls whose residual traces are kept in the diagnostics
+# From this many vectors a block finds the Hessian's outlying eigenvalues faster without the factors than with
+# them (from about 10 on a tanh and a ReLU MLP, docs/ekfac.md; not yet at 8 on a 310-parameter MLP); a smaller
+# block, or one vector, does better preconditioned.
+PLAIN_BLOCK = 32
 
 
 class EKFAC(Approximator):
@@ -69,9 +73,9 @@ class EKFAC(Approximator):
         refine_method: str = option("block", "block (one search space for all test vectors: fewer products, an "
                                              "answer that depends within refine_tol on which vectors share it) "
                                              "or vector (one CG per test vector)")
-        refine_preconditioner: str = option("auto", "ekfac (the fitted factors), none, or auto: none for the "
-                                                    "block method (measured: never worse, often far better), "
-                                                    "ekfac for vector")
+        refine_preconditioner: str = option("auto", "ekfac (the fitted factors), none, or auto: none for a "
+                                                    f"block of at least {PLAIN_BLOCK} vectors (measured: never "
+                                                    "worse there, often far better), ekfac otherwise")
 
         def __post_init__(self) -> None:
             from influence_store.layers import FISHER_TYPES
@@ -262,7 +266,8 @@ class EKFAC(Approximator):
         solve = block_pcg if self.options.refine_method == "block" else pcg
         preconditioner = self.options.refine_preconditioner
         if preconditioner == "auto":
-            preconditioner = "none" if self.options.refine_method == "block" else "ekfac"
+            plain = self.options.refine_method == "block" and len(b) >= PLAIN_BLOCK
+            preconditioner = "none" if plain else "ekfac"
         precondition = self.precondition if preconditioner == "ekfac" else lambda r: r
         x, trace, products, stalled = solve(curvature, precondition, b.to(torch.float64),
                                             self.options.refine_iters, self.options.refine_tol)

@@ -268,8 +268,11 @@ def test_refinement_without_the_preconditioner_is_plain_block_cg(digits, monkeyp
     plain, trace, _, _ = block_pcg(lambda v: model.hvp(v).double() + 0.01 * v, lambda r: r, g.double(), 3, 0.0)
     assert relative_error(few.inverse_hvp(g), plain) < 1e-10
     assert few.diagnostics["refine_residual_traces"][0] == pytest.approx(trace, rel=1e-6)
-    auto, _ = approximator(task, "ekfac", damping=0.01, refine_iters=3)  # the block method's default
-    assert torch.equal(auto.inverse_hvp(g), few.inverse_hvp(g))
+    auto, _ = approximator(task, "ekfac", damping=0.01, refine_iters=3)  # the default: none from 32 vectors
+    block = torch.cat([g] * 4)
+    assert len(block) == 32 and torch.equal(auto.inverse_hvp(block), few.inverse_hvp(block))
+    preconditioned, _ = approximator(task, "ekfac", damping=0.01, refine_iters=3, refine_preconditioner="ekfac")
+    assert torch.equal(auto.inverse_hvp(g), preconditioned.inverse_hvp(g))  # a small block keeps them
 
 
 def test_refinement_on_the_gauss_newton_matrix_reduces_its_residual(digits):
