@@ -276,6 +276,7 @@ class EKFAC(Approximator):
         d["refine_curvature_products"] = d.get("refine_curvature_products", 0) + products
         d["refine_final_residual_max"] = max(d.get("refine_final_residual_max", 0.0), trace[-1])
         d["refine_stalled_vectors"] = d.get("refine_stalled_vectors", 0) + stalled
+        d["refine_preconditioners_used"] = sorted({*d.get("refine_preconditioners_used", []), preconditioner})
         if d["refine_calls"] <= MAX_TRACED_CALLS:
             d.setdefault("refine_residual_traces", []).append(trace)
         return x

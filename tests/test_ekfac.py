@@ -273,6 +273,7 @@ def test_refinement_without_the_preconditioner_is_plain_block_cg(digits, monkeyp
     assert len(block) == 32 and torch.equal(auto.inverse_hvp(block), few.inverse_hvp(block))
     preconditioned, _ = approximator(task, "ekfac", damping=0.01, refine_iters=3, refine_preconditioner="ekfac")
     assert torch.equal(auto.inverse_hvp(g), preconditioned.inverse_hvp(g))  # a small block keeps them
+    assert auto.diagnostics["refine_preconditioners_used"] == ["ekfac", "none"]
 
 
 def test_refinement_on_the_gauss_newton_matrix_reduces_its_residual(digits):
