@@ -276,3 +276,29 @@ def test_bad_input_is_one_line(data, tmp_path, monkeypatch):
     assert "pip install --no-deps -r requirements-allennlp.txt" in message
     with pytest.raises(InfluenceStoreError, match="requirements-allennlp"):
         task_from_model(torch.nn.Linear(1, 1), None, data["train"], data["test"])
+
+
+class _Classifier(torch.nn.Module):
+    """forward(**batch) -> {"loss"} like an AllenNLP model; ``mixes`` makes each instance's logits depend on
+    the rest of the batch (subtracting the batch mean), an interaction the batched path must not take."""
+
+    def __init__(self, mixes: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear, self.loss, self.mixes = torch.nn.Linear(5, 3), torch.nn.CrossEntropyLoss(), mixes
+
+    def forward(self, x, label):
+        logits = self.linear(x)
+        if self.mixes:
+            logits = logits - 0.5 * logits.mean(0, keepdim=True)
+        return {"loss": self.loss(logits, label)}
+
+
+@pytest.mark.parametrize("mixes", [False, True])
+def test_the_batched_loss_is_used_only_where_instances_do_not_interact(mixes):
+    from influence_store.plugins.allennlp_tasks import _batched_agrees
+
+    batch = {"x": torch.randn(100, 5, generator=torch.Generator().manual_seed(1)), "label": torch.arange(100) % 3}
+    model = _Classifier(mixes).train()
+    assert _batched_agrees(model, batch, 100) is not mixes
+    assert model.training  # its mode is restored
