@@ -322,7 +322,7 @@ class TrackedModel:
 
     def hvp_chunks(self, num_vectors: int, num_examples: int) -> tuple[int, int]:
         """(vectors, examples) per HVP piece: every vector in flight holds a few p-vectors, and every
-        (example, vector) pair the tangents of that example's graph."""
+        (example, vector) pair the second backward pass through that example's graph."""
         rows = self.chunk_size(4 * self.num_params + self.activation_floats(), cap=max(1, num_vectors))
         examples = self.chunk_size(3 * rows * self.activation_floats(), cap=max(1, num_examples))
         return rows, examples

@@ -39,7 +39,7 @@ def block_pcg(curvature, precondition, b, iters: int, tol: float):
         products += 1
         chol, not_positive = torch.linalg.cholesky_ex((p @ q.T + q @ p.T) / 2)
         if not_positive:
-            stalled = int((residual > tol).sum())
+            stalled = int(active.sum())
             break
         alpha = torch.cholesky_solve(p @ r.T, chol)  # [m, k]
         x = x + alpha.T @ p

@@ -264,9 +264,9 @@ def _batched_agrees(model: Any, batch: dict, size: int, sample: int = 32) -> boo
             losses = batched_losses(model, batch, size)
             if losses is None:
                 return False
-            picked = torch.linspace(0, size - 1, min(size, sample)).round().long().unique().tolist()
-            alone = torch.stack([model_loss(model, tree_map(lambda t: t[i:i + 1], batch)).reshape(())
-                                 for i in picked])
+            picked = torch.linspace(0, size - 1, min(size, sample)).round().long().unique()
+            some = tree_map(lambda t: t[picked] if torch.is_tensor(t) else [t[i] for i in picked.tolist()], batch)
+            alone = per_instance_losses(model, some, len(picked))
             return bool(torch.allclose(losses[picked], alone, rtol=1e-4, atol=1e-6))
     finally:
         model.train(was_training)

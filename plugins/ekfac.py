@@ -237,10 +237,14 @@ class EKFAC(Approximator):
         parameter used outside its own layer (tied weights) that the hooks cannot see. The factors are an
         approximation either way; scores and self-influence then take the flat gradients."""
         if self._view_exact is None:
-            self._view_exact = self.model.mode == "eval" and self.view.reproduces_gradients()
-            self.diagnostics["layer_view_gradients"] = "exact" if self._view_exact else \
-                "not used: training gradients in train mode" if self.model.mode != "eval" else \
-                "not used: they differ from the model's (a parameter used outside its layer?)"
+            if self.model.mode != "eval":
+                self._view_exact, verdict = False, "not used: training gradients in train mode"
+            elif self.view.reproduces_gradients():
+                self._view_exact, verdict = True, "exact"
+            else:
+                self._view_exact, verdict = False, "not used: they differ from the model's (a parameter used " \
+                                                   "outside its layer?)"
+            self.diagnostics["layer_view_gradients"] = verdict
         return self._view_exact
 
     def inverse_hvp(self, vectors):
