@@ -89,12 +89,12 @@ def main() -> None:
         for size in (8, len(x)):
             vectors = torch.randn(50 if size == 8 else 10, tracked.num_params)
             batch = tracked.batch("train", list(range(size)))
-            backward = tracked._hvp_sum_backward(vectors, batch)
-            for other in (forward_over_reverse(tracked, vectors, batch), tracked._hvp_sum_reverse(vectors, batch)):
+            backward = tracked._backward_products(batch)(vectors).detach()
+            for other in (forward_over_reverse(tracked, vectors, batch), tracked._products(batch)(vectors).detach()):
                 assert float((other - backward).norm()) <= 1e-4 * float(backward.norm()), name  # float32 rounding
-            slow = best(lambda: tracked._hvp_sum_backward(vectors, batch))
+            slow = best(lambda: tracked._backward_products(batch)(vectors).detach())
             forward = best(lambda: forward_over_reverse(tracked, vectors, batch))
-            reverse = best(lambda: tracked._hvp_sum_reverse(vectors, batch))
+            reverse = best(lambda: tracked._products(batch)(vectors).detach())
             print(f"{name:12s} {size:5d} {tracked.num_params:8,d} {len(vectors):7d}  {slow:14.4f} s"
                   f"  {forward:18.4f} s  {reverse:18.4f} s  {forward / reverse:5.2f}x")
 

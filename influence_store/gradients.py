@@ -22,8 +22,11 @@ from torch.func import functional_call, grad, vjp, vmap
 from torch.utils._pytree import tree_map
 
 from .errors import InfluenceStoreError
-from .plan import default_budget_mb
+from .plan import WORK_SHARE, default_budget_mb
 from .task import Task
+
+CPU_PIECE_BYTES = 32 * 2**20  # an HVP piece's (example, vector) tensors on the CPU: about a cache's worth
+CPU_PIECE_VECTORS = 32  # vectors per piece before its examples are split
 
 
 @contextlib.contextmanager
@@ -88,6 +91,8 @@ class TrackedModel:
         self.grad_strategy = "vmap"
         self.grad_path: dict[str, str] = {"path": "vmap", "why": "torch.func traces the model"}
         self.hvp_strategy = "reverse-over-reverse"  # torch.func; "double-backward" where it cannot trace
+        self._whole_set_calls = 0
+        self._kept_graphs: tuple[int, dict] | None = None  # (examples per batch, products by batch start)
         self.notes: list[str] = []
 
     # ---------- plumbing ----------
@@ -300,66 +305,110 @@ class TrackedModel:
     # ---------- curvature ----------
     def hvp(self, vectors: Tensor, indices: Sequence[int] | Tensor | None = None) -> Tensor:
         """``(H_batch + l2 I) v`` for each row v of ``vectors`` [k, p]; H_batch is the mean-loss
-        Hessian over the training examples at ``indices`` (all of them when None)."""
+        Hessian over the training examples at ``indices`` (all of them when None).
+
+        A second product over the whole training set means an iterative solver (CG, refinement): from
+        then on the graphs of the whole set are kept, when they fit the budget, and only the second
+        backward pass runs per call (about a quarter less work per product)."""
         vectors = vectors.to(self.device, self.dtype)
-        n = len(self.task.train)
-        if indices is None:
-            indices = range(n)
+        whole = indices is None
+        if whole:
+            indices = range(len(self.task.train))
         else:
             indices = indices.tolist() if isinstance(indices, Tensor) else [int(i) for i in indices]
         rows, examples = self.hvp_chunks(len(vectors), len(indices))
-        pieces = []
-        with self.eval_mode():
-            for r in range(0, len(vectors), rows):
-                part = vectors[r:r + rows]
-                total = None
-                for start in range(0, len(indices), examples):
-                    hv = self._hvp_sum(part, self.batch("train", indices[start:start + examples]))
-                    total = hv if total is None else total.add_(hv)
-                pieces.append(total)
-        total = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        kept = self._kept_graphs if whole else None
+        if whole and kept is None and self._whole_set_calls and self._graphs_fit(examples):
+            kept = self._kept_graphs = (examples, {})
+        self._whole_set_calls += whole
+        if kept is not None:
+            rows, examples = self.hvp_chunks(len(vectors), len(indices), examples=kept[0])
+        total = torch.zeros_like(vectors)
+        with self.eval_mode():  # examples outside, vectors inside: one graph per example batch
+            for start in range(0, len(indices), examples):
+                part = indices[start:start + examples]
+                self._hvp_sum(vectors, lambda: self.batch("train", part), rows, total,
+                              graphs=None if kept is None else (kept[1], start))
         return total.div_(len(indices)).add_(vectors, alpha=self.l2)
 
-    def hvp_chunks(self, num_vectors: int, num_examples: int) -> tuple[int, int]:
+    def hvp_chunks(self, num_vectors: int, num_examples: int, examples: int | None = None) -> tuple[int, int]:
         """(vectors, examples) per HVP piece: every vector in flight holds a few p-vectors, and every
-        (example, vector) pair the second backward pass through that example's graph."""
-        rows = self.chunk_size(4 * self.num_params + self.activation_floats(), cap=max(1, num_vectors))
-        examples = self.chunk_size(3 * rows * self.activation_floats(), cap=max(1, num_examples))
+        (example, vector) pair the second backward pass through that example's graph.
+
+        On the CPU a piece is also kept near ``CPU_PIECE_BYTES`` of those pairs' tensors: the products are
+        bound by memory traffic, and a piece whose tensors stay in cache runs about twice as fast as one
+        that streams through RAM (benchmarks/README.md, "HVP pieces"). The sizes depend only on the
+        model and the counts, so a run repeats bit for bit. ``examples`` fixes the batch size (kept graphs)."""
+        act = self.activation_floats()
+        rows = self.chunk_size(4 * self.num_params + act, cap=max(1, num_vectors))
+        pairs = max(1, CPU_PIECE_BYTES // (act * self.itemsize)) if self.device.type == "cpu" else None
+        if examples is None:
+            examples = self.chunk_size(3 * rows * act, cap=max(1, num_examples))
+            if pairs:
+                examples = min(examples, max(1, pairs // min(rows, CPU_PIECE_VECTORS)))
+            examples = math.ceil(num_examples / math.ceil(num_examples / examples))  # equal batches
+        rows = min(rows, self.chunk_size(3 * examples * act, cap=max(1, num_vectors)))
+        if pairs:
+            rows = min(rows, max(1, pairs // examples))
         return rows, examples
 
-    def _hvp_sum(self, vectors: Tensor, batch: Any) -> Tensor:
-        """Sum over the batch's examples of ``H_i v`` for every row of ``vectors``: reverse-over-reverse
-        (the pullback of ``grad``, built once per batch and vmapped over the vectors) where torch.func
-        traces the model, else double backward with every vector through one graph. The choice depends only
-        on the model, never on timings, so a run repeats bit for bit (docs/engine.md, "Curvature")."""
-        if self.hvp_strategy == "reverse-over-reverse":
-            try:
-                return self._hvp_sum_reverse(vectors, batch)
-            except InfluenceStoreError:
+    def _graphs_fit(self, examples: int) -> bool:
+        """Whether the whole training set's graphs (a few times its saved activations) fit the work share."""
+        graph_bytes = 4 * self.activation_floats() * len(self.task.train) * self.itemsize
+        return graph_bytes <= WORK_SHARE * self.memory_budget
+
+    def _hvp_sum(self, vectors: Tensor, batch: Any, rows: int | None = None, into: Tensor | None = None,
+                 graphs: tuple[dict, int] | None = None) -> Tensor:
+        """Sum over the batch's examples of ``H_i v`` for every row of ``vectors``, ``rows`` vectors at a
+        time through one graph: reverse-over-reverse (the pullback of ``grad``, built once per batch and
+        vmapped over the vectors) where torch.func traces the model, else double backward. The choice
+        depends only on the model, never on timings, so a run repeats bit for bit (docs/engine.md,
+        "Curvature"). ``batch`` may be a function that makes it; the sums are added to ``into`` when
+        given; ``graphs`` = (kept products by batch start, this batch's start)."""
+        kept, key = graphs or ({}, None)
+        try:
+            return _by_rows(self._kept_products(kept, key, batch), vectors, rows, into)
+        except InfluenceStoreError:
+            raise
+        except Exception as exc:  # an op without a batching rule
+            if self.hvp_strategy != "reverse-over-reverse":
                 raise
-            except Exception as exc:  # an op without a batching rule
-                self.hvp_strategy = "double-backward"
-                self.notes.append(f"HVPs by double backward: reverse-over-reverse failed ({_first_line(exc)})")
-        return self._hvp_sum_backward(vectors, batch)
+            kept.clear()
+            self.hvp_strategy = "double-backward"
+            self.notes.append(f"HVPs by double backward: reverse-over-reverse failed ({_first_line(exc)})")
+            return _by_rows(self._kept_products(kept, key, batch), vectors, rows, into)
 
-    def _hvp_sum_reverse(self, vectors: Tensor, batch: Any) -> Tensor:
-        gradient = grad(lambda flat: self._losses(flat, batch).sum())
-        _, pullback = vjp(gradient, self.flat.detach())
-        return vmap(lambda cotangent: pullback(cotangent)[0])(vectors).detach()
+    def _kept_products(self, kept: dict, key: Any, batch: Any):
+        if key not in kept:
+            kept[key] = self._products(batch() if callable(batch) else batch)
+        return kept[key]
 
-    def _hvp_sum_backward(self, vectors: Tensor, batch: Any) -> Tensor:
+    def _products(self, batch: Any):
+        """``v -> sum_i H_i v`` over the batch for a block of vectors, its graph built here once."""
+        if self.hvp_strategy == "reverse-over-reverse":
+            gradient = grad(lambda flat: self._losses(flat, batch).sum())
+            _, pullback = vjp(gradient, self.flat.detach())
+            return vmap(lambda cotangent: pullback(cotangent)[0])
+        return self._backward_products(batch)
+
+    def _backward_products(self, batch: Any):
+        """Double backward: every block of vectors goes through one retained ``create_graph`` gradient."""
         flat = self.flat.detach().requires_grad_(True)
         loss = self._losses(flat, batch).sum()
         (g,) = torch.autograd.grad(loss, flat, create_graph=True, allow_unused=True)
-        if g is None or not g.requires_grad:  # loss linear in the tracked parameters
-            return torch.zeros_like(vectors)
-        try:
-            (hv,) = torch.autograd.grad(g, flat, grad_outputs=vectors, is_grads_batched=True,
-                                        retain_graph=True, allow_unused=True)
-        except RuntimeError:  # some ops have no batching rule: one vector at a time
-            hv = torch.stack([torch.autograd.grad(g, flat, grad_outputs=v, retain_graph=True,
-                                                  allow_unused=True)[0] for v in vectors])
-        return torch.zeros_like(vectors) if hv is None else hv.detach()
+        if g is None or not g.requires_grad:  # loss linear in the tracked parameters: H = 0
+            return torch.zeros_like
+
+        def products(block: Tensor) -> Tensor:
+            try:
+                (hv,) = torch.autograd.grad(g, flat, grad_outputs=block, is_grads_batched=True,
+                                            retain_graph=True, allow_unused=True)
+            except RuntimeError:  # some ops have no batching rule: one vector at a time
+                hv = torch.stack([torch.autograd.grad(g, flat, grad_outputs=v, retain_graph=True,
+                                                      allow_unused=True)[0] for v in block])
+            return torch.zeros_like(block) if hv is None else hv
+
+        return products
 
     def dense_hessian(self) -> Tensor:
         """The full training Hessian (with ``l2 I``) as a [p, p] float64 matrix.
@@ -381,6 +430,19 @@ class TrackedModel:
 
     def num_batches(self, batch_size: int) -> int:
         return math.ceil(len(self.task.train) / batch_size)
+
+
+def _by_rows(products, vectors: Tensor, rows: int | None, into: Tensor | None) -> Tensor:
+    """``products`` of ``rows`` vectors at a time, added to ``into`` (a new zero matrix when None).
+
+    A missing batching rule fails on the first piece, before anything is added, so the caller can
+    fall back and redo the batch without counting any vector twice."""
+    rows = rows or len(vectors)
+    into = torch.zeros_like(vectors) if into is None else into
+    for r in range(0, len(vectors), rows):
+        piece = products(vectors[r:r + rows]).detach()
+        into[r:r + rows] += piece
+    return into
 
 
 def _first_line(exc: Exception) -> str:

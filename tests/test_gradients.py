@@ -73,6 +73,50 @@ def test_hvp_is_chunked_like_one_batch():
     torch.testing.assert_close(tiny.hvp(v), whole, rtol=1e-12, atol=1e-14)
 
 
+def item_loss(model, batch):
+    """A loss vmap cannot trace (it reads a Python number out of a tensor)."""
+    x, y = batch
+    losses = ce_loss(model, (x, y))
+    return losses * (1.0 if float(losses.detach().sum().item()) >= 0 else -1.0)
+
+
+def counting(loss):
+    """``loss`` that counts the examples it is called on (forward passes)."""
+    def counted(model, batch):
+        counted.examples += len(batch[0])
+        return loss(model, batch)
+
+    counted.examples = 0
+    return counted
+
+
+@pytest.mark.parametrize("strategy", ["reverse-over-reverse", "double-backward"])
+def test_repeated_whole_set_products_reuse_the_graphs_and_stay_exact(strategy, monkeypatch):
+    """From the second whole-set product on (an iterative solver), no forward pass runs again, for either
+    HVP strategy, and every product still equals the autograd Hessian's, whatever the piece sizes."""
+    import influence_store.gradients as gradients
+
+    counted = counting(ce_loss)
+    task = mlp_task(n_train=40, loss=counted)
+    tracked = TrackedModel(task, [n for n, _ in task.model.named_parameters()])
+    tracked.hvp_strategy = strategy
+    # pieces of 20 (example, vector) pairs, 2 vectors each: 4 example batches, 3 vector pieces
+    monkeypatch.setattr(gradients, "CPU_PIECE_BYTES", 20 * tracked.activation_floats() * 8)
+    monkeypatch.setattr(gradients, "CPU_PIECE_VECTORS", 2)
+    assert tracked.hvp_chunks(6, 40) == (2, 10)
+    counted.examples = 0
+    hessian = torch.autograd.functional.hessian(lambda t: flat_loss(task, t, list(range(40))), autograd_flat(task))
+    hessian += task.l2 * torch.eye(len(hessian), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(2)
+    seen = []
+    for size in (6, 6, 3, 6):  # a solver whose active set shrinks and grows
+        vectors = torch.randn(size, len(hessian), dtype=torch.float64, generator=generator)
+        torch.testing.assert_close(tracked.hvp(vectors), vectors @ hessian, rtol=1e-10, atol=1e-12)
+        seen.append(counted.examples)
+    assert tracked.hvp_strategy == strategy
+    assert seen[2] == seen[1] == seen[3] > seen[0] > 0
+
+
 def per_example_autograd_loop(task, split):
     x, y = getattr(task, split).tensors
     rows = []
@@ -93,13 +137,6 @@ def test_per_example_grads_equal_autograd_loop():
     grads = torch.cat([g for _, g in chunks])
     torch.testing.assert_close(grads, per_example_autograd_loop(task, "train"), rtol=1e-10, atol=1e-12)
     assert tracked.grad_strategy == "vmap" and tracked.notes == []
-
-
-def item_loss(model, batch):
-    """A loss vmap cannot trace (it reads a Python number out of a tensor)."""
-    x, y = batch
-    losses = ce_loss(model, (x, y))
-    return losses * (1.0 if float(losses.detach().sum().item()) >= 0 else -1.0)
 
 
 def test_loop_fallback_gives_the_same_gradients_and_says_so():
