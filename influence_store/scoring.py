@@ -218,7 +218,9 @@ class ScoreComputation:
         keep = self.plan.train_grads_cached
         cache = None  # filled in place: no second copy of every gradient for a concatenation at the end
         for idx, g in self.model.grad_chunks("train"):
-            if keep:
+            if keep and len(idx) == self.n_train:  # one chunk: it is the cache, no copy
+                cache = g
+            elif keep:
                 if cache is None:
                     cache = torch.empty(self.n_train, g.shape[1], dtype=g.dtype, device=g.device)
                 cache[idx[0]:idx[-1] + 1] = g

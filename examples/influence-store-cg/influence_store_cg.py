@@ -69,31 +69,35 @@ class ConjugateGradient(Approximator):
 
         b = vectors.to(self.model.device, torch.float64)
         b_norm = b.norm(dim=1)
-        x = torch.zeros_like(b)
-        r = b.clone()
-        p = b.clone()
-        rr = (r * r).sum(1)
-        active = rr.sqrt() > self.options.tol * b_norm  # a zero right-hand side is already solved
+        limit = self.options.tol * b_norm
+        solution = torch.zeros_like(b)
+        # The iterates hold only the columns still running (compacted when some converge), so each
+        # step is a few in-place passes over them.
+        cols = (b_norm > limit).nonzero().squeeze(1)  # a zero right-hand side is already solved
+        x, r = torch.zeros_like(b[cols]), b[cols]
+        p, rr = r.clone(), (r * r).sum(1)
         iterations = 0
-        while active.any():
+        while len(cols):
             if iterations == self.options.max_iter:
-                self._not_converged(rr.sqrt()[active] / b_norm[active], len(b))
+                self._not_converged(rr.sqrt() / b_norm[cols], len(b))
             iterations += 1
-            cols = active.nonzero().squeeze(1)
-            ap = self._apply(p[cols])
+            ap = self._apply(p)
             self.diagnostics["hvps"] += len(cols)
-            curvature = (p[cols] * ap).sum(1)
+            curvature = (p * ap).sum(1)
             if (curvature <= 0).any():
-                self._negative_curvature(curvature, p[cols], iterations)
-            alpha = rr[cols] / curvature
-            x[cols] += alpha[:, None] * p[cols]
-            r[cols] -= alpha[:, None] * ap
-            rr_new = (r[cols] * r[cols]).sum(1)
-            p[cols] = r[cols] + (rr_new / rr[cols])[:, None] * p[cols]
-            rr[cols] = rr_new
-            active[cols] = rr_new.sqrt() > self.options.tol * b_norm[cols]
-        self._record(b, x, b_norm, iterations)
-        return x
+                self._negative_curvature(curvature, p, iterations)
+            alpha = (rr / curvature)[:, None]
+            x += alpha * p
+            r -= alpha * ap
+            rr_new = (r * r).sum(1)
+            p.mul_((rr_new / rr)[:, None]).add_(r)
+            rr = rr_new
+            done = rr.sqrt() <= limit[cols]
+            if done.any():
+                solution[cols[done]] = x[done]
+                cols, x, r, p, rr = (t[~done] for t in (cols, x, r, p, rr))
+        self._record(b, solution, b_norm, iterations)
+        return solution
 
     def _apply(self, p: Tensor) -> Tensor:
         """``(H + damping I) p`` in float64 (the HVP itself runs in the model's dtype)."""
