@@ -3,11 +3,12 @@
 Parameters are handled as one flat vector of size ``p`` (in the order of the tracked names). The
 model itself is never mutated: a detached copy of the tracked parameters (and of every other parameter
 and buffer, moved to the compute device and dtype) is passed through ``torch.func.functional_call``.
-Per-example gradients use ``vmap(grad(...))`` over batches sized by a memory budget. HVPs use double
-backward with ``is_grads_batched`` (many vectors share one graph) over as many training examples and
-vectors at once as the budget allows; the dense Hessian is the same map applied to the identity in
-large blocks. Sizes come from ``plan.py``'s cost model: what one example's autograd
-graph holds is measured once (saved-tensor hooks), not guessed from the parameter count.
+Per-example gradients use ``vmap(grad(...))`` over batches sized by a memory budget. HVPs are
+reverse-over-reverse (double backward where torch.func cannot trace the model) over example batches, each
+graph built once and applied to blocks of vectors; on the CPU a piece stays near a cache's worth of
+tensors, and an iterative solver's whole-set graphs are kept between calls. The dense Hessian is the same
+map applied to the identity. Sizes come from ``plan.py``'s cost model: what one example's autograd graph
+holds is measured once (saved-tensor hooks), not guessed from the parameter count.
 """
 
 from __future__ import annotations
@@ -318,7 +319,7 @@ class TrackedModel:
             indices = indices.tolist() if isinstance(indices, Tensor) else [int(i) for i in indices]
         rows, examples = self.hvp_chunks(len(vectors), len(indices))
         kept = self._kept_graphs if whole else None
-        if whole and kept is None and self._whole_set_calls and self._graphs_fit(examples):
+        if whole and kept is None and self._whole_set_calls and self._graphs_fit():
             kept = self._kept_graphs = (examples, {})
         self._whole_set_calls += whole
         if kept is not None:
@@ -337,7 +338,7 @@ class TrackedModel:
 
         On the CPU a piece is also kept near ``CPU_PIECE_BYTES`` of those pairs' tensors: the products are
         bound by memory traffic, and a piece whose tensors stay in cache runs about twice as fast as one
-        that streams through RAM (benchmarks/README.md, "HVP pieces"). The sizes depend only on the
+        that streams through RAM (docs/engine.md, "Curvature"). The sizes depend only on the
         model and the counts, so a run repeats bit for bit. ``examples`` fixes the batch size (kept graphs)."""
         act = self.activation_floats()
         rows = self.chunk_size(4 * self.num_params + act, cap=max(1, num_vectors))
@@ -352,19 +353,20 @@ class TrackedModel:
             rows = min(rows, max(1, pairs // examples))
         return rows, examples
 
-    def _graphs_fit(self, examples: int) -> bool:
-        """Whether the whole training set's graphs (a few times its saved activations) fit the work share."""
+    def _graphs_fit(self) -> bool:
+        """Whether the whole training set's graphs (a few times its saved activations) fit half the work
+        share (the HVP pieces themselves use the other half at most)."""
         graph_bytes = 4 * self.activation_floats() * len(self.task.train) * self.itemsize
-        return graph_bytes <= WORK_SHARE * self.memory_budget
+        return graph_bytes <= WORK_SHARE / 2 * self.memory_budget
 
-    def _hvp_sum(self, vectors: Tensor, batch: Any, rows: int | None = None, into: Tensor | None = None,
+    def _hvp_sum(self, vectors: Tensor, batch: Any, rows: int, into: Tensor,
                  graphs: tuple[dict, int] | None = None) -> Tensor:
         """Sum over the batch's examples of ``H_i v`` for every row of ``vectors``, ``rows`` vectors at a
         time through one graph: reverse-over-reverse (the pullback of ``grad``, built once per batch and
         vmapped over the vectors) where torch.func traces the model, else double backward. The choice
         depends only on the model, never on timings, so a run repeats bit for bit (docs/engine.md,
-        "Curvature"). ``batch`` may be a function that makes it; the sums are added to ``into`` when
-        given; ``graphs`` = (kept products by batch start, this batch's start)."""
+        "Curvature"). ``batch`` may be a function that makes it; the sums are added to ``into``;
+        ``graphs`` = (kept products by batch start, this batch's start)."""
         kept, key = graphs or ({}, None)
         try:
             return _by_rows(self._kept_products(kept, key, batch), vectors, rows, into)
@@ -413,9 +415,7 @@ class TrackedModel:
     def dense_hessian(self) -> Tensor:
         """The full training Hessian (with ``l2 I``) as a [p, p] float64 matrix.
 
-        Built as the Hessian's rows along all identity columns at once, through one gradient graph per
-        example batch, over the whole training set in as few batches (and column blocks) as the
-        budget allows, not one HVP call per small block."""
+        Built as ``hvp`` of the identity: one graph per example batch, applied to every column block."""
         p = self.num_params
         h = self.hvp(torch.eye(p, device=self.device, dtype=self.dtype)).to(torch.float64)
         return (h + h.T) / 2
@@ -432,16 +432,11 @@ class TrackedModel:
         return math.ceil(len(self.task.train) / batch_size)
 
 
-def _by_rows(products, vectors: Tensor, rows: int | None, into: Tensor | None) -> Tensor:
-    """``products`` of ``rows`` vectors at a time, added to ``into`` (a new zero matrix when None).
-
-    A missing batching rule fails on the first piece, before anything is added, so the caller can
-    fall back and redo the batch without counting any vector twice."""
-    rows = rows or len(vectors)
-    into = torch.zeros_like(vectors) if into is None else into
+def _by_rows(products, vectors: Tensor, rows: int, into: Tensor) -> Tensor:
+    """``products`` of ``rows`` vectors at a time, added to ``into``. A missing batching rule fails on the
+    first piece, before anything is added, so the caller can fall back without counting a vector twice."""
     for r in range(0, len(vectors), rows):
-        piece = products(vectors[r:r + rows]).detach()
-        into[r:r + rows] += piece
+        into[r:r + rows] += products(vectors[r:r + rows]).detach()
     return into
 
 
