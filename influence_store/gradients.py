@@ -27,7 +27,7 @@ from .plan import WORK_SHARE, default_budget_mb
 from .task import Task
 
 CPU_PIECE_BYTES = 32 * 2**20  # an HVP piece's (example, vector) tensors on the CPU: about a cache's worth
-CPU_PIECE_VECTORS = 32  # vectors per piece before its examples are split
+CPU_PIECE_VECTORS = 8  # the example batches leave room for this many vectors per piece
 
 
 @contextlib.contextmanager
@@ -318,12 +318,12 @@ class TrackedModel:
         else:
             indices = indices.tolist() if isinstance(indices, Tensor) else [int(i) for i in indices]
         rows, examples = self.hvp_chunks(len(vectors), len(indices))
-        kept = self._kept_graphs if whole else None
-        if whole and kept is None and self._whole_set_calls and self._graphs_fit():
-            kept = self._kept_graphs = (examples, {})
+        kept = None
+        if whole and self._whole_set_calls and self._graphs_fit():
+            if self._kept_graphs is None or self._kept_graphs[0] != examples:
+                self._kept_graphs = (examples, {})
+            kept = self._kept_graphs
         self._whole_set_calls += whole
-        if kept is not None:
-            rows, examples = self.hvp_chunks(len(vectors), len(indices), examples=kept[0])
         total = torch.zeros_like(vectors)
         with self.eval_mode():  # examples outside, vectors inside: one graph per example batch
             for start in range(0, len(indices), examples):
@@ -332,22 +332,24 @@ class TrackedModel:
                               graphs=None if kept is None else (kept[1], start))
         return total.div_(len(indices)).add_(vectors, alpha=self.l2)
 
-    def hvp_chunks(self, num_vectors: int, num_examples: int, examples: int | None = None) -> tuple[int, int]:
+    def hvp_chunks(self, num_vectors: int, num_examples: int) -> tuple[int, int]:
         """(vectors, examples) per HVP piece: every vector in flight holds a few p-vectors, and every
         (example, vector) pair the second backward pass through that example's graph.
 
         On the CPU a piece is also kept near ``CPU_PIECE_BYTES`` of those pairs' tensors: the products are
         bound by memory traffic, and a piece whose tensors stay in cache runs about twice as fast as one
-        that streams through RAM (docs/engine.md, "Curvature"). The sizes depend only on the
-        model and the counts, so a run repeats bit for bit. ``examples`` fixes the batch size (kept graphs)."""
+        that streams through RAM (docs/engine.md, "Curvature"). There the example batches do not depend
+        on the number of vectors, so a solver's kept graphs serve all its calls. The sizes depend only on
+        the model and the counts, so a block's products are the same bits in any process."""
         act = self.activation_floats()
         rows = self.chunk_size(4 * self.num_params + act, cap=max(1, num_vectors))
         pairs = max(1, CPU_PIECE_BYTES // (act * self.itemsize)) if self.device.type == "cpu" else None
-        if examples is None:
+        if pairs:
+            examples = min(self.chunk_size(3 * CPU_PIECE_VECTORS * act, cap=max(1, num_examples)),
+                           max(1, pairs // CPU_PIECE_VECTORS))
+        else:
             examples = self.chunk_size(3 * rows * act, cap=max(1, num_examples))
-            if pairs:
-                examples = min(examples, max(1, pairs // min(rows, CPU_PIECE_VECTORS)))
-            examples = math.ceil(num_examples / math.ceil(num_examples / examples))  # equal batches
+        examples = math.ceil(num_examples / math.ceil(num_examples / examples))  # equal batches
         rows = min(rows, self.chunk_size(3 * examples * act, cap=max(1, num_vectors)))
         if pairs:
             rows = min(rows, max(1, pairs // examples))

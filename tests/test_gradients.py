@@ -115,6 +115,9 @@ def test_repeated_whole_set_products_reuse_the_graphs_and_stay_exact(strategy, m
         seen.append(counted.examples)
     assert tracked.hvp_strategy == strategy
     assert seen[2] == seen[1] == seen[3] > seen[0] > 0
+    fresh = TrackedModel(task, tracked.names)  # no history: the same block gives the same bits
+    fresh.hvp_strategy = strategy
+    assert torch.equal(fresh.hvp(vectors), tracked.hvp(vectors))
 
 
 def per_example_autograd_loop(task, split):
