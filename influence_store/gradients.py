@@ -92,7 +92,7 @@ class TrackedModel:
         self.grad_strategy = "vmap"
         self.grad_path: dict[str, str] = {"path": "vmap", "why": "torch.func traces the model"}
         self.hvp_strategy = "reverse-over-reverse"  # torch.func; "double-backward" where it cannot trace
-        self._whole_set_calls = 0
+        self._whole_set_seen = False  # a whole-set product was made: the next one means an iterative solver
         self._kept_graphs: tuple[int, dict] | None = None  # (examples per batch, products by batch start)
         self.notes: list[str] = []
 
@@ -319,17 +319,16 @@ class TrackedModel:
             indices = indices.tolist() if isinstance(indices, Tensor) else [int(i) for i in indices]
         rows, examples = self.hvp_chunks(len(vectors), len(indices))
         kept = None
-        if whole and self._whole_set_calls and self._graphs_fit():
+        if whole and self._whole_set_seen and self._graphs_fit():
             if self._kept_graphs is None or self._kept_graphs[0] != examples:
                 self._kept_graphs = (examples, {})
-            kept = self._kept_graphs
-        self._whole_set_calls += whole
+            kept = self._kept_graphs[1]
+        self._whole_set_seen |= whole
         total = torch.zeros_like(vectors)
         with self.eval_mode():  # examples outside, vectors inside: one graph per example batch
             for start in range(0, len(indices), examples):
                 part = indices[start:start + examples]
-                self._hvp_sum(vectors, lambda: self.batch("train", part), rows, total,
-                              graphs=None if kept is None else (kept[1], start))
+                self._hvp_sum(vectors, lambda: self.batch("train", part), rows, total, kept, start)
         return total.div_(len(indices)).add_(vectors, alpha=self.l2)
 
     def hvp_chunks(self, num_vectors: int, num_examples: int) -> tuple[int, int]:
@@ -361,17 +360,17 @@ class TrackedModel:
         graph_bytes = 4 * self.activation_floats() * len(self.task.train) * self.itemsize
         return graph_bytes <= WORK_SHARE / 2 * self.memory_budget
 
-    def _hvp_sum(self, vectors: Tensor, batch: Any, rows: int, into: Tensor,
-                 graphs: tuple[dict, int] | None = None) -> Tensor:
+    def _hvp_sum(self, vectors: Tensor, make_batch, rows: int, into: Tensor, kept: dict | None = None,
+                 key: int = 0) -> Tensor:
         """Sum over the batch's examples of ``H_i v`` for every row of ``vectors``, ``rows`` vectors at a
         time through one graph: reverse-over-reverse (the pullback of ``grad``, built once per batch and
         vmapped over the vectors) where torch.func traces the model, else double backward. The choice
         depends only on the model, never on timings, so a run repeats bit for bit (docs/engine.md,
-        "Curvature"). ``batch`` may be a function that makes it; the sums are added to ``into``;
-        ``graphs`` = (kept products by batch start, this batch's start)."""
-        kept, key = graphs or ({}, None)
+        "Curvature"). The sums are added to ``into``; ``kept`` holds the graphs kept by batch start
+        (``key`` is this batch's), a fresh dict when they are not kept."""
+        kept = {} if kept is None else kept
         try:
-            return _by_rows(self._kept_products(kept, key, batch), vectors, rows, into)
+            return _by_rows(self._kept_products(kept, key, make_batch), vectors, rows, into)
         except InfluenceStoreError:
             raise
         except Exception as exc:  # an op without a batching rule
@@ -380,11 +379,11 @@ class TrackedModel:
             kept.clear()
             self.hvp_strategy = "double-backward"
             self.notes.append(f"HVPs by double backward: reverse-over-reverse failed ({_first_line(exc)})")
-            return _by_rows(self._kept_products(kept, key, batch), vectors, rows, into)
+            return _by_rows(self._kept_products(kept, key, make_batch), vectors, rows, into)
 
-    def _kept_products(self, kept: dict, key: Any, batch: Any):
+    def _kept_products(self, kept: dict, key: int, make_batch):
         if key not in kept:
-            kept[key] = self._products(batch() if callable(batch) else batch)
+            kept[key] = self._products(make_batch())
         return kept[key]
 
     def _products(self, batch: Any):

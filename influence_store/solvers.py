@@ -58,9 +58,9 @@ def _orthonormal_rows(p):
     p = p / p.norm(dim=1, keepdim=True).clamp_min(1e-300)
     for _ in range(2):
         w, v = torch.linalg.eigh(p @ p.T)
-        keep = w > 1e-12 * w[-1]
         if not w[-1] > 0:
             return None
+        keep = w > 1e-12 * w[-1]
         p = (v[:, keep] / w[keep].sqrt()).T @ p
     return p
 
