@@ -352,6 +352,7 @@ class TrackedModel:
         rows = min(rows, self.chunk_size(3 * examples * act, cap=max(1, num_vectors)))
         if pairs:
             rows = min(rows, max(1, pairs // examples))
+        rows = math.ceil(num_vectors / math.ceil(num_vectors / rows)) if num_vectors else rows  # equal blocks
         return rows, examples
 
     def _graphs_fit(self) -> bool:
