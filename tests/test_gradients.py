@@ -120,6 +120,20 @@ def test_repeated_whole_set_products_reuse_the_graphs_and_stay_exact(strategy, m
     assert torch.equal(fresh.hvp(vectors), tracked.hvp(vectors))
 
 
+def test_vectors_are_split_into_equal_blocks(monkeypatch):
+    """A call with a few more vectors than a piece has room for runs equal blocks, not a full block and a
+    small one that passes every graph again for a few vectors."""
+    import influence_store.gradients as gradients
+
+    task = mlp_task(n_train=40)
+    tracked = TrackedModel(task, [n for n, _ in task.model.named_parameters()])
+    monkeypatch.setattr(gradients, "CPU_PIECE_BYTES", 40 * tracked.activation_floats() * 8)
+    monkeypatch.setattr(gradients, "CPU_PIECE_VECTORS", 4)  # room for 4 vectors by 10 examples
+    assert tracked.hvp_chunks(4, 40) == (4, 10)
+    assert tracked.hvp_chunks(5, 40) == (3, 10)  # 3 + 2, not 4 + 1
+    assert tracked.hvp_chunks(9, 40) == (3, 10)  # 3 + 3 + 3, not 4 + 4 + 1
+
+
 def per_example_autograd_loop(task, split):
     x, y = getattr(task, split).tensors
     rows = []
