@@ -150,7 +150,7 @@ def ours(method, model, xtr, ytr, xte, yte, **kw):
     options = {"exact": {"damping": DAMPING, "max_params": 10_000},
                "cg": {"damping": DAMPING, "tol": CG_TOL},
                "lissa": {**LISSA, "depth_iters": kw.get("steps", 1)}}[method]
-    computation = ist.compute_scores(task, method, options)
+    computation = ist.compute_scores(task, method, options, self_influence=False)  # the matrix only
     scores = computation.matrix()
     if method == "cg":  # the others then run as many iterations as the plugin needed
         kw["done"]["iterations"] = computation.approximator.diagnostics["max_iterations"]

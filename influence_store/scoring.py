@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .directional import DirectionalDots, directional_pays
 from .errors import InfluenceStoreError
 from .freezing import tracked_parameters
 from .gradients import TrackedModel
@@ -242,7 +243,8 @@ def compute_scores(task: Task, approximator: str = "lissa", options: dict | None
                    freeze: str = "all", freeze_options: dict | None = None, device: str = "cpu",
                    seed: int = 0, dtype: str | torch.dtype | None = None, memory_budget_mb: float | None = None,
                    test_chunk_size: int | None = None, progress: bool = False,
-                   model_mode: str = "eval", approximator_state: bytes | None = None) -> ScoreComputation:
+                   model_mode: str = "eval", approximator_state: bytes | None = None,
+                   self_influence: bool = True) -> ScoreComputation:
     """Prepare an influence computation: choose parameters, check losses, set up the approximator.
 
     Returns a ``ScoreComputation``: iterate ``.chunks()`` to stream scores, or call ``.matrix()`` and
@@ -250,12 +252,15 @@ def compute_scores(task: Task, approximator: str = "lissa", options: dict | None
     ``memory_budget_mb`` the budget is a share of the available memory; ``.plan`` says how it is used.
     ``model_mode="train"`` takes training-example gradients in train mode (dropout on, as AllenNLP's
     SimpleInfluence does), from a generator seeded with ``seed``; test gradients and HVPs use eval mode.
+    ``self_influence=False`` says only the scores are wanted: a few test vectors are then scored by
+    forward-mode derivatives when that is cheaper than per-example gradients (directional.py).
     The keywords are those of ``RunSettings`` (settings.py); ``prepare_scores`` takes one.
     """
     settings = RunSettings(approximator=approximator, options=options or {}, freeze=freeze,
                            freeze_options=freeze_options or {}, device=device, seed=seed,
                            dtype=dtype if not isinstance(dtype, torch.dtype) else str(dtype).replace("torch.", ""),
-                           memory_budget_mb=memory_budget_mb, test_chunk_size=test_chunk_size, model_mode=model_mode)
+                           memory_budget_mb=memory_budget_mb, test_chunk_size=test_chunk_size, model_mode=model_mode,
+                           self_influence=self_influence)
     return prepare_scores(task, settings.resolved(), progress=progress, approximator_state=approximator_state)
 
 
@@ -279,6 +284,9 @@ def prepare_scores(task: Task, settings: RunSettings, *, tracked: list[str] | No
         instance.load_state(approximator_state)
     instance.prepare()
     training_dots = instance.training_dot_products()
+    dots_path = "approximator" if training_dots is not None else "gradients"
+    if training_dots is None and not settings.self_influence and directional_pays(model, len(task.test)):
+        training_dots, dots_path = DirectionalDots(model), "directional"
     chunk = stored_chunk_size(model, settings.test_chunk_size)
     plan = make_plan(model, instance, chunk, budget_given=settings.memory_budget_mb is not None,
                      flat_train_grads=training_dots is None)
@@ -309,7 +317,8 @@ def prepare_scores(task: Task, settings: RunSettings, *, tracked: list[str] | No
                                    train_losses=train_losses, test_losses=test_losses, self_influence_parts=parts,
                                    _plan=plan, _training_dots=training_dots)
     computation.diagnostics.update(approximator=instance.diagnostics, grad_notes=model.notes, grad_path=model.grad_path,
-                                   plan=plan.to_dict(), seconds_prepare=time.perf_counter() - started)
+                                   plan=plan.to_dict(), training_dots=dots_path,
+                                   seconds_prepare=time.perf_counter() - started)
     if progress and plan.num_params * (plan.n_train + plan.n_test) >= LONG_RUN_WORK:  # before a long run
         print(plan.describe(), file=sys.stderr, flush=True)
     return computation
