@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
+from .errors import InfluenceStoreError
 from .gradients import CPU_PIECE_BYTES, TrackedModel
 
 MAX_VECTORS = 16  # test vectors at most: each one is a forward-mode pass over the training set
@@ -62,10 +63,13 @@ class DirectionalDots:
         if self.fallback is None:
             try:
                 out = self._directional(vectors, indices)
+                self._check_finite(out, indices)
                 if not self.checked:
                     self._check(vectors, indices, out)
                 if self.fallback is None:
                     return out
+            except InfluenceStoreError:
+                raise
             except Exception as exc:  # noqa: BLE001 - an op without a forward-mode or batching rule
                 self._fall_back(f"forward mode failed ({str(exc).strip().splitlines()[0][:200] if str(exc) else exc})")
         return torch.cat([(vectors.to(g.dtype) @ g.T).to(torch.float64).cpu()
@@ -103,6 +107,14 @@ class DirectionalDots:
         if error > 1e-3:
             self._fall_back(f"directional derivatives disagreed with per-example gradients (relative error "
                             f"{error:.1e}: examples interact within a batch)")
+
+    def _check_finite(self, out: Tensor, indices: list[int]) -> None:
+        bad = (~torch.isfinite(out)).any(dim=0).nonzero()
+        if len(bad):
+            key = self.model.task.keys("train")[indices[int(bad[0])]]
+            raise InfluenceStoreError(
+                f"the gradient of train example {key!r} is not finite although its loss is (e.g. sqrt or log at "
+                f"0 inside the model); make the model differentiable there or leave the example out")
 
     def _fall_back(self, why: str) -> None:
         self.fallback = why

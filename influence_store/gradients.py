@@ -20,6 +20,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 from torch.func import functional_call, grad, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 from .errors import InfluenceStoreError
@@ -388,12 +389,13 @@ class TrackedModel:
         return kept[key]
 
     def _products(self, batch: Any):
-        """``v -> sum_i H_i v`` over the batch for a block of vectors, its graph built here once."""
-        if self.hvp_strategy == "reverse-over-reverse":
-            gradient = grad(lambda flat: self._losses(flat, batch).sum())
-            _, pullback = vjp(gradient, self.flat.detach())
-            return vmap(lambda cotangent: pullback(cotangent)[0])
-        return self._backward_products(batch)
+        """``v -> sum_i H_i v`` over the batch for a block of vectors, its graph built here once (attention by
+        its plain math kernel: the fused ones have no second derivative)."""
+        with sdpa_kernel(SDPBackend.MATH):
+            if self.hvp_strategy == "reverse-over-reverse":
+                _, pullback = vjp(grad(lambda flat: self._losses(flat, batch).sum()), self.flat.detach())
+                return vmap(lambda cotangent: pullback(cotangent)[0])
+            return self._backward_products(batch)
 
     def _backward_products(self, batch: Any):
         """Double backward: every block of vectors goes through one retained ``create_graph`` gradient."""

@@ -27,6 +27,7 @@ from .settings import RunSettings
 from .task import Task
 
 LONG_RUN_WORK = 5e7  # parameters x examples above which a run with progress bars prints its plan first
+GRADIENT_CHECK_EXAMPLES = 8  # training examples whose summed loss gradient is checked before a run
 SHARED_BLOCKS = 4  # the fewest blocks a run's test chunks (after the first) and its self-influence are solved in
 SIGN_CONVENTION = "score = g_test^T (H + ridge)^-1 g_train; positive = helpful, negative = harmful"
 
@@ -147,6 +148,7 @@ class ScoreComputation:
         step = self.model.grad_chunk_size()
         g_test = torch.cat([self.model.per_example_grads("test", test_indices[s:s + step])  # enables gradients itself
                             for s in range(0, len(test_indices), step)])
+        _check_finite(g_test, self.model, "test", test_indices)
         ihvp = self._inverse_hvp(g_test)
         del g_test
         if self._training_dots is not None:  # the approximator's own pass over the training set
@@ -219,6 +221,7 @@ class ScoreComputation:
         keep = self.plan.train_grads_cached
         cache = None  # filled in place: no second copy of every gradient for a concatenation at the end
         for idx, g in self.model.grad_chunks("train"):
+            _check_finite(g, self.model, "train", idx)
             if keep and len(idx) == self.n_train:  # one chunk: it is the cache, no copy
                 cache = g
             elif keep:
@@ -233,6 +236,8 @@ class ScoreComputation:
     def _inverse_hvp(self, vectors: Tensor) -> Tensor:
         result = self.approximator.inverse_hvp(vectors)
         if not torch.isfinite(result).all():
+            for idx, g in self.model.grad_chunks("train"):  # a NaN gradient poisons the curvature: name it
+                _check_finite(g, self.model, "train", idx)
             raise InfluenceStoreError(
                 f"approximator {self.approximator.name!r} produced non-finite values; increase damping "
                 f"(or for lissa, the scale)")
@@ -279,6 +284,7 @@ def prepare_scores(task: Task, settings: RunSettings, *, tracked: list[str] | No
                          model_mode=settings.model_mode, seed=settings.seed, verbose=progress)
     train_losses = model.losses("train")
     test_losses = model.losses("test")
+    _check_gradients(model)
     instance = entry.cls(parsed, model, seed=settings.seed)
     if approximator_state is not None:  # what an earlier prepare() fitted for this run
         instance.load_state(approximator_state)
@@ -322,6 +328,37 @@ def prepare_scores(task: Task, settings: RunSettings, *, tracked: list[str] | No
     if progress and plan.num_params * (plan.n_train + plan.n_test) >= LONG_RUN_WORK:  # before a long run
         print(plan.describe(), file=sys.stderr, flush=True)
     return computation
+
+
+def _check_gradients(model: TrackedModel) -> None:
+    """Before any curvature is built: the loss must depend on the tracked parameters (a detached output or a
+    forward under ``torch.no_grad()`` would give all-zero scores), with finite gradients (``sqrt`` at 0 gives
+    NaN ones from finite losses, which would surface later as a misleading "increase damping")."""
+    first = list(range(min(GRADIENT_CHECK_EXAMPLES, len(model.task.train))))
+    if not first:
+        return
+    flat = model.flat.detach().requires_grad_(True)
+    with torch.enable_grad(), model.eval_mode():
+        loss = model._losses(flat, model.batch("train", first)).sum()
+        g = torch.autograd.grad(loss, flat, allow_unused=True)[0] if loss.requires_grad else None
+    if g is None:
+        raise InfluenceStoreError(
+            "the task loss does not depend on the tracked parameters (a detached model output, or a forward "
+            "under torch.no_grad()?); compute the loss from the model's output with gradients enabled")
+    if not torch.isfinite(g).all():
+        raise InfluenceStoreError(
+            f"the gradient of the loss over the first {len(first)} training examples is not finite although "
+            f"the losses are (e.g. sqrt or log at 0 inside the model); make the model differentiable there")
+
+
+def _check_finite(grads: Tensor, model: TrackedModel, split: str, indices: Sequence[int]) -> None:
+    """Name the first example whose gradient is NaN or inf (its loss is finite: losses() checked that)."""
+    bad = (~torch.isfinite(grads)).any(dim=1).nonzero()
+    if len(bad):
+        key = model.task.keys(split)[indices[int(bad[0])]]
+        raise InfluenceStoreError(
+            f"the gradient of {split} example {key!r} is not finite although its loss is (e.g. sqrt or log at "
+            f"0 inside the model); make the model differentiable there or leave the example out")
 
 
 def library_versions() -> dict[str, str]:

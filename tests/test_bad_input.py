@@ -205,3 +205,29 @@ def test_a_setting_named_in_an_error_is_spelled_for_its_reader(task, bad_tasks):
     message = one_line_error(lambda: ist.compute_scores(task, device="cuda:0"), "'cuda:0'", 'use device="cpu"')
     assert "--" not in message
     assert_one_line_error(run(f"{bad_tasks}:small", "--device", "cuda:0"), "'cuda:0'", "use --device cpu")
+
+
+def test_a_loss_that_does_not_depend_on_the_parameters_is_refused(task):
+    detached = ist.Task(task.model, lambda model, batch: bce_loss(model, batch).detach(), task.train, task.test)
+    one_line_error(lambda: ist.compute_scores(detached), "does not depend on the tracked parameters")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_non_finite_gradient_from_a_finite_loss_names_the_example(task, split):
+    """sqrt at 0 for one example, far from the first few: its loss is finite, its gradient is not."""
+
+    def with_ids(data, first):
+        x, y = data.tensors
+        return TensorDataset(x, y, torch.arange(first, first + len(x)))
+
+    def loss(model, batch):
+        x, y, ids = batch
+        logit = model(x).squeeze(-1)
+        hit = ids == 1020
+        at_zero = torch.where(hit, logit ** 2 - logit.detach() ** 2, torch.ones_like(logit))  # 0 at row 1020
+        return bce_loss(model, (x, y)) + torch.sqrt(at_zero) - (~hit).to(logit.dtype)
+
+    train = with_ids(task.train, 0 if split == "test" else 1000)
+    test = with_ids(task.test, 1000 if split == "test" else 0)
+    bad = ist.Task(task.model, loss, train, test, key=lambda example: f"row-{int(example[2])}")
+    one_line_error(lambda: ist.compute_scores(bad).matrix(), f"gradient of {split} example 'row-1020' is not finite")

@@ -205,3 +205,36 @@ def test_tracked_names_are_checked(missing):
     task = mlp_task()
     with pytest.raises(ist.InfluenceStoreError):
         TrackedModel(task, missing)
+
+
+class TinyAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0,
+                                                      batch_first=True)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(1))
+
+
+def test_attention_models_get_hvps_equal_to_the_autograd_hessian():
+    """The fused attention kernels have no second derivative: HVPs build their graphs with the math kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = TinyAttention().double().eval()
+    x, y = torch.randn(14, 5, 8, dtype=torch.float64), torch.randint(0, 3, (14,))
+    task = ist.Task(model, ce_loss, TensorDataset(x[:10], y[:10]), TensorDataset(x[10:], y[10:]), l2=0.01)
+    tracked = TrackedModel(task, [n for n, _ in model.named_parameters()])
+    names, shapes = zip(*[(n, p.shape) for n, p in model.named_parameters()])
+
+    def mean_loss(flat):
+        params = {n: t.view(s) for n, t, s in zip(names, torch.split(flat, [s.numel() for s in shapes]), shapes)}
+        return torch.nn.functional.cross_entropy(torch.func.functional_call(model, params, (x[:10],)), y[:10])
+
+    with sdpa_kernel(SDPBackend.MATH):
+        hessian = torch.autograd.functional.hessian(mean_loss, autograd_flat(task))
+    hessian += task.l2 * torch.eye(len(hessian), dtype=torch.float64)
+    vectors = torch.randn(3, len(hessian), dtype=torch.float64)
+    torch.testing.assert_close(tracked.hvp(vectors), vectors @ hessian, rtol=1e-9, atol=1e-11)
