@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_map
 from .errors import InfluenceStoreError
 from .plan import WORK_SHARE, default_budget_mb
 from .task import Task
+from .train_mode import aligned, grouped_grads
 
 CPU_PIECE_BYTES = 32 * 2**20  # an HVP piece's (example, vector) tensors on the CPU: about a cache's worth
 CPU_PIECE_VECTORS = 8  # the example batches leave room for this many vectors per piece
@@ -139,8 +140,7 @@ class TrackedModel:
 
     def chunk_size(self, per_item_floats: int, cap: int = 4096) -> int:
         """How many items of ``per_item_floats`` floats fit the memory budget (with working room)."""
-        itemsize = torch.finfo(self.dtype).bits // 8
-        return max(1, min(cap, self.memory_budget // max(1, 4 * per_item_floats * itemsize)))
+        return max(1, min(cap, self.memory_budget // max(1, 4 * per_item_floats * self.itemsize)))
 
     @property
     def itemsize(self) -> int:
@@ -220,9 +220,10 @@ class TrackedModel:
         the caller's grad mode. Paths, fastest first: ``vmap(grad)``; per-sample hooks on the layers
         (one batched forward and backward) when vmap cannot trace the model; one backward per example
         as the last resort. The path taken and why is in ``grad_path`` and ``notes``."""
-        indices = list(indices)
+        indices, mode = list(indices), self.mode if split == "train" else "eval"
+        if mode == "train" and not aligned(indices, len(self.task.train)):  # masks by position (train_mode.py)
+            return grouped_grads(self, indices)
         batch = self.batch(split, indices)
-        mode = self.mode if split == "train" else "eval"
         with torch.enable_grad(), self.model_mode(mode, seed=indices[0] if indices else 0):
             if self.grad_strategy == "vmap":
                 try:

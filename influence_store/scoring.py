@@ -25,6 +25,7 @@ from .gradients import TrackedModel
 from .plan import Plan, make_plan, stored_chunk_size
 from .settings import RunSettings
 from .task import Task
+from .train_mode import check_train_mode
 
 LONG_RUN_WORK = 5e7  # parameters x examples above which a run with progress bars prints its plan first
 GRADIENT_CHECK_EXAMPLES = 8  # training examples whose summed loss gradient is checked before a run
@@ -278,6 +279,8 @@ def prepare_scores(task: Task, settings: RunSettings, *, tracked: list[str] | No
     entry, parsed = settings.approximator_plugin()
     device = _check_device(settings.device)
     torch_dtype = _dtype(settings.dtype)
+    if settings.model_mode == "train":
+        check_train_mode(task.model)
     names = tracked if tracked is not None else tracked_parameters(task.model, settings.freeze,
                                                                    settings.freeze_options)
     model = TrackedModel(task, names, device=device, dtype=torch_dtype, memory_budget_mb=settings.memory_budget_mb,
