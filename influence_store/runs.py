@@ -1,16 +1,18 @@
 """Run orchestration: task -> scores -> store, resumable and idempotent.
 
 A run is identified by what determines its scores: the model's weights, the training and test
-examples (keys + content hashes), the approximator and its options, the freezing policy, seed,
-device and dtype. Running the same thing again reports the stored run; a run that stopped
-midway resumes at its first unfinished chunk.
+examples (keys + content hashes), the loss function's code, the task options, the approximator and its
+options, the freezing policy, seed, device and dtype. Running the same thing again reports the stored
+run; a run that stopped midway resumes at its first unfinished chunk.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -26,6 +28,58 @@ from .trust import portable_spec, stored_task
 
 
 APPROXIMATOR_STATE = "approximator_state"  # the run artifact holding what the approximator fitted
+
+
+def _digest(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_fingerprint(function: Any) -> str:
+    """A digest of a loss function's code (bytecode, names, constants, nested functions) and of the simple
+    values it closes over or defaults to, so that an edited loss starts a new run instead of reporting the
+    old scores. The same in every process: nothing in it depends on addresses or hash seeds."""
+    digest = hashlib.sha256()
+    if isinstance(function, functools.partial):
+        digest.update(repr((_simple(function.args), _simple(sorted(function.keywords.items())))).encode())
+        function = function.func
+    code = getattr(function, "__code__", None)
+    if code is None:  # a callable object, e.g. an nn.Module loss: its forward or __call__
+        method = getattr(type(function), "forward", None) or getattr(type(function), "__call__", None)
+        code = getattr(method, "__code__", None)
+        digest.update(type(function).__qualname__.encode())
+    if code is not None:
+        _digest_code(code, digest)
+    cells = [cell.cell_contents for cell in getattr(function, "__closure__", None) or () if _filled(cell)]
+    digest.update(repr(_simple(cells + list(getattr(function, "__defaults__", None) or ()))).encode())
+    return digest.hexdigest()[:16]
+
+
+def _digest_code(code: types.CodeType, digest: Any) -> None:
+    digest.update(code.co_code + repr(code.co_names).encode())
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            _digest_code(constant, digest)
+        else:
+            digest.update(repr(_simple(constant)).encode())
+
+
+def _simple(value: Any) -> Any:
+    """Numbers, strings and their containers as they are; anything else by its type's name only."""
+    if isinstance(value, (bool, int, float, str, bytes, type(None))):
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_simple(v) for v in value]
+    if isinstance(value, frozenset):
+        return sorted(repr(_simple(v)) for v in value)
+    return type(value).__qualname__
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # a cell not yet assigned
+        return False
+    return True
 
 
 @dataclass
@@ -115,13 +169,15 @@ def execute_run(store: Store, spec: str | Task, settings: RunSettings | None = N
         check_not_removed(store, model_version, train_rows)
     identity = {
         **settings.identity(), "weights": weights, "model_version": model_version, "tracked": tracked,
-        "l2": task.l2, "dataset": dataset,
+        "l2": task.l2, "dataset": dataset, "loss": code_fingerprint(task.loss), "task_options": task_options or {},
         "train": hashlib.sha256(json.dumps([r[:2] for r in train_rows]).encode()).hexdigest(),
         "test": hashlib.sha256(json.dumps([r[:2] for r in test_rows]).encode()).hexdigest(),
     }
-    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-    existing = store.run(resume) if resume is not None else store.find_run(fingerprint)
-    if existing is not None and existing["settings_fingerprint"] != fingerprint:
+    fingerprint = _digest(identity)
+    # Runs stored before the loss and task options were part of the identity are found by the rest of it.
+    earlier = _digest({k: v for k, v in identity.items() if k not in ("loss", "task_options")})
+    existing = store.run(resume) if resume is not None else store.find_run(fingerprint) or store.find_run(earlier)
+    if existing is not None and existing["settings_fingerprint"] not in (fingerprint, earlier):
         raise InfluenceStoreError(f"run {resume} cannot be resumed: its task, model or data changed since it "
                                   f"started; start a new run instead")
     if existing is not None and existing["status"] == "done":

@@ -73,3 +73,34 @@ def test_an_unknown_or_bad_setting_is_refused_before_anything_runs(tmp_path):
         execute_run(Store(str(tmp_path / "s.db")), legacy_task(), modelmode="train")
     with pytest.raises(ist.InfluenceStoreError, match="test chunk size must be a positive number"):
         RunSettings(test_chunk_size=0)
+
+
+def test_an_edited_loss_or_other_task_options_start_a_new_run(tmp_path):
+    """The loss's code and the task options can change every score: they are part of a run's identity."""
+    from dataclasses import replace
+
+    store = Store(str(tmp_path / "s.db"))
+    task = legacy_task()
+    first = execute_run(store, task, approximator="exact", self_influence=False)
+    assert execute_run(store, legacy_task(), approximator="exact", self_influence=False).outcome == "existing"
+
+    def doubled(model, batch, inner=task.loss):
+        return 2 * inner(model, batch)
+
+    edited = execute_run(store, replace(task, loss=doubled), approximator="exact", self_influence=False)
+    assert edited.outcome == "computed" and edited.run_id != first.run_id
+    assert not torch.allclose(torch.tensor(store.score_matrix(edited.run_id)),
+                              torch.tensor(store.score_matrix(first.run_id)))  # the old scores were not reused
+    optioned = execute_run(store, task, approximator="exact", self_influence=False, task_options={"scale": "2"})
+    assert optioned.run_id not in (first.run_id, edited.run_id)
+
+
+def test_a_code_fingerprint_follows_the_code_and_the_values_it_closes_over():
+    from influence_store.runs import code_fingerprint
+
+    def scaled(factor):
+        return lambda model, batch: factor * model(batch)
+
+    assert code_fingerprint(scaled(2)) == code_fingerprint(scaled(2))
+    assert code_fingerprint(scaled(2)) != code_fingerprint(scaled(3))
+    assert code_fingerprint(lambda m, b: 2 * m(b)) != code_fingerprint(lambda m, b: 3 * m(b))
