@@ -137,7 +137,7 @@ def execute_run(store: Store, spec: str | Task, settings: RunSettings | None = N
             lease_seconds=lease_seconds)
         return RunResult(run_id, "done", outcome, time.perf_counter() - started)
     from .freezing import tracked_parameters
-    from .scoring import prepare_scores
+    from .scoring import check_device, prepare_scores
 
     started = time.perf_counter()
     phases = phases or QUIET
@@ -153,6 +153,7 @@ def execute_run(store: Store, spec: str | Task, settings: RunSettings | None = N
         settings = RunSettings.from_run(previous)
         model_version, dataset = previous["model_version"], previous["train_dataset"]
     settings = settings.resolved()  # an unknown approximator or a bad option fails before the task loads
+    check_device(settings.device)
     if isinstance(spec, Task):
         task = spec
     else:

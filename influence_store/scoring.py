@@ -277,7 +277,7 @@ def prepare_scores(task: Task, settings: RunSettings, *, tracked: list[str] | No
     the tracked parameter names and the self-influence parts of a run that already started."""
     started = time.perf_counter()
     entry, parsed = settings.approximator_plugin()
-    device = _check_device(settings.device)
+    device = check_device(settings.device)
     torch_dtype = _dtype(settings.dtype)
     if settings.model_mode == "train":
         check_train_mode(task.model)
@@ -382,7 +382,7 @@ def _dot_rows(a: Tensor, b: Tensor) -> Tensor:
     return (a.to(dtype) * b.to(a.device, dtype)).sum(1).to(torch.float64).cpu()
 
 
-def _check_device(device: str) -> torch.device:
+def check_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:

@@ -98,8 +98,11 @@ class RunSettings:
 
     def resolved(self) -> RunSettings:
         """With the approximator's options parsed and completed, as they are stored and fingerprinted."""
-        from .options import options_to_dict
+        from .options import options_to_dict, parse_options
+        from .plugin_manager import lookup
 
+        entry = lookup("register_freezing_policies", self.freeze)  # a bad policy fails before the task loads
+        parse_options(entry.options_cls, self.freeze_options, f"freezing policy {self.freeze!r}")
         return replace(self, options=options_to_dict(self.approximator_plugin()[1]))
 
     def requested(self) -> dict[str, Any]:

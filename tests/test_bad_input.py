@@ -49,6 +49,13 @@ def empty_test():
 
 def not_a_task():
     return "model.tar.gz"
+
+
+def marks_when_loaded():
+    import pathlib
+
+    pathlib.Path(__file__).with_name("loaded").touch()
+    return small()
 '''
 
 
@@ -231,3 +238,14 @@ def test_a_non_finite_gradient_from_a_finite_loss_names_the_example(task, split)
     test = with_ids(task.test, 1000 if split == "test" else 0)
     bad = ist.Task(task.model, loss, train, test, key=lambda example: f"row-{int(example[2])}")
     one_line_error(lambda: ist.compute_scores(bad).matrix(), f"gradient of {split} example 'row-1020' is not finite")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--freeze", "bogus"], "unknown freezing policy 'bogus'"),
+    (["--freeze", "last-layer", "-f", "nonsense", "1"], "unknown option 'nonsense'"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+])
+def test_cli_bad_settings_fail_before_the_task_loads(bad_tasks, args, fragment):
+    """A task may take minutes to load (or retrain): settings that cannot work are refused first."""
+    assert_one_line_error(run(f"{bad_tasks}:marks_when_loaded", *args), fragment)
+    assert not bad_tasks.with_name("loaded").exists()
