@@ -32,9 +32,16 @@ def tracked_parameters(model, policy: str = "all", options: dict | None = None) 
     entry = lookup("register_freezing_policies", policy)
     names = list(entry.cls(parse_options(entry.options_cls, options, f"freezing policy {policy!r}")).tracked(model))
     known = dict(model.named_parameters())
-    unknown = [n for n in names if n not in known]
+    # a shared (tied) parameter is listed once, under its first name: another name of it means that one
+    canonical = {id(p): n for n, p in known.items()}
+    aliases = {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+    unknown = [n for n in names if n not in aliases]
     if unknown:
         raise InfluenceStoreError(f"freezing policy {policy!r} returned unknown parameter names {unknown[:3]}")
+    names = [aliases[n] for n in names]
+    if not names and not any(p.requires_grad for p in known.values()):
+        raise InfluenceStoreError("the model has no parameter with requires_grad=True; set requires_grad=True on "
+                                  "the parameters to compute influence over")
     if not names:
         raise InfluenceStoreError("freezing policy {policy!r} leaves zero tracked parameters; loosen its options or "
                                   "use {freeze_all}", policy=policy, freeze_all='freeze="all"')

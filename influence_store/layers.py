@@ -247,19 +247,26 @@ class LayerView:
         flat = tm.flat.detach().requires_grad_(True)
         with tm.eval_mode(), self._hooks() as (calls, outputs):
             losses = tm._losses(flat, batch)
-        rows = []
-        for layer in self.layers:
-            if not calls[layer.name]:
-                raise InfluenceStoreError(f"layer {layer.name!r} is tracked but the loss never calls it; "
-                                          f"freeze it or check the task loss")
-            rows.append([layer.rows(x.detach()) for x, _ in calls[layer.name]])
+        uncalled = [layer.name for layer in self.layers if not calls[layer.name]]
+        if uncalled:  # e.g. nn.MultiheadAttention reads out_proj.weight itself: the hooks see no input rows
+            pattern = f"{uncalled[0]}." if len(uncalled) == 1 else f"({'|'.join(uncalled)})."
+            more = f" (and {len(uncalled) - 1} more)" if len(uncalled) > 1 else ""
+            raise InfluenceStoreError(
+                "layer {layer!r}{more} is tracked but the loss never calls it: its weight is used without calling "
+                "the module (as nn.MultiheadAttention uses its out_proj) or not at all, so its inputs cannot be "
+                "seen; freeze it with {freeze_pattern}, or use {approximator_exact} or {approximator_lissa}",
+                layer=uncalled[0], more=more, pattern=pattern,
+                freeze_pattern=f'freeze="regex", freeze_options={{"patterns": [{pattern!r}]}}',
+                approximator_exact='approximator="exact"', approximator_lissa='approximator="lissa"')
+        rows = [[layer.rows(x.detach()) for x, _ in calls[layer.name]] for layer in self.layers]
         layer_outputs = [y for layer in self.layers for _, y in calls[layer.name]]
         if fisher == "empirical":
             yield self._gradient_rows(rows, calls, torch.autograd.grad(losses.sum(), layer_outputs, allow_unused=True))
             return
         if len(outputs) != 1 or not isinstance(outputs[0], Tensor):
-            raise InfluenceStoreError(f"the {fisher} Fisher needs the model called once per batch with a tensor "
-                                      f"output; use the empirical Fisher")
+            raise InfluenceStoreError("the {fisher} Fisher needs the model called once per batch with a tensor "
+                                      "output; use the empirical Fisher: {fisher_empirical}", fisher=fisher,
+                                      fisher_empirical='options={"fisher": "empirical"}')
         root = output_hessian_root(losses, outputs[0])  # [B, C, C]
         if fisher == "gauss-newton":
             directions = [root[:, :, c] for c in range(root.shape[-1])]
@@ -305,8 +312,9 @@ def output_hessian(losses: Tensor, output: Tensor, max_outputs: int = 512) -> Te
     b = output.shape[0]
     c = output[0].numel()
     if c > max_outputs:
-        raise InfluenceStoreError(f"the model's output has {c} values per example (more than {max_outputs}) for "
-                                  f"the output Hessian; use the empirical Fisher")
+        raise InfluenceStoreError("the model's output has {c} values per example (more than {max_outputs}) for "
+                                  "the output Hessian; use the empirical Fisher: {fisher_empirical}", c=c,
+                                  max_outputs=max_outputs, fisher_empirical='options={"fisher": "empirical"}')
     (g,) = torch.autograd.grad(losses.sum(), output, create_graph=True)
     g = g.reshape(b, c)
     if not g.requires_grad:  # loss linear in the output: zero curvature

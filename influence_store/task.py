@@ -85,13 +85,15 @@ class Task:
 
     def batch(self, split: str, indices: Sequence[int]) -> Any:
         """Collate the examples at ``indices`` of one split into a batch."""
-        data = getattr(self, split)
-        tensors = getattr(data, "tensors", None)  # TensorDataset: slice instead of collating one by one
-        if tensors is not None:
-            import torch
+        import torch
+        from torch.utils.data import TensorDataset
 
+        data = getattr(self, split)
+        # Slicing a plain TensorDataset gives the same batch as collating its examples one by one; a subclass
+        # (its own __getitem__) or a task's own collate may transform examples, so those take the general path.
+        if type(data) is TensorDataset and self.collate is default_collate:
             index = torch.as_tensor(list(indices), dtype=torch.long)
-            return tuple(t[index] for t in tensors)
+            return tuple(t[index] for t in data.tensors)
         return self.collate([data[i] for i in indices])
 
     def describe(self, example: Any) -> Any:

@@ -27,9 +27,9 @@ def check_train_mode(model: torch.nn.Module) -> None:
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             raise InfluenceStoreError(
-                f"--model-mode train cannot be used with batch normalization (layer {name!r}): in train mode it "
-                f"normalizes by each batch's statistics and changes the model's running statistics; use "
-                f"--model-mode eval")
+                "{train_mode} cannot be used with batch normalization (layer {layer!r}): in train mode it "
+                "normalizes by each batch's statistics and changes the model's running statistics; use {eval_mode}",
+                train_mode='model_mode="train"', layer=name, eval_mode='model_mode="eval"')
 
 
 def aligned(indices: Sequence[int], n: int) -> bool:

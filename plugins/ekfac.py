@@ -21,8 +21,8 @@ Fisher's diagonal), recorded in the diagnostics. ``damping`` is a true ridge on 
 in ``exact``), and the task's ``l2`` is added to it, so the solve approximates ``(H + l2 + damping)^-1 v``.
 
 ``refine_iters > 0`` then runs preconditioned conjugate gradient on the model's true Hessian (or its
-Gauss-Newton matrix) with the EK-FAC inverse as preconditioner, for all test vectors at once, starting from
-the EK-FAC answer; the relative residual trace goes to the diagnostics.
+Gauss-Newton matrix) with the EK-FAC inverse as preconditioner, for all test vectors at once (its first step
+is the EK-FAC answer); the residual trace goes to the diagnostics, and negative curvature is an error.
 
 The fitted factors are the approximator's ``state()``, stored with the run so a resumed run reuses them.
 """
@@ -257,7 +257,7 @@ class EKFAC(Approximator):
         import torch
 
         from influence_store.layers import gauss_newton_product
-        from influence_store.solvers import block_pcg, pcg
+        from influence_store.solvers import block_pcg, lowest_curvature, pcg
 
         damping = self.options.damping
         if self.options.refine_curvature == "hessian":
@@ -273,13 +273,21 @@ class EKFAC(Approximator):
             plain = self.options.refine_method == "block" and len(b) >= PLAIN_BLOCK
             preconditioner = "none" if plain else "ekfac"
         precondition = self.precondition if preconditioner == "ekfac" else lambda r: r
-        x, trace, products, stalled = solve(curvature, precondition, b.to(torch.float64),
-                                            self.options.refine_iters, self.options.refine_tol)
+        x, trace, products, negative = solve(curvature, precondition, b.to(torch.float64),
+                                             self.options.refine_iters, self.options.refine_tol)
+        if negative is not None:  # CG's iterate on an indefinite matrix is no inverse: refuse, as cg does
+            start = torch.randn(b[:1].shape, generator=torch.Generator().manual_seed(self.seed), dtype=torch.float64)
+            lowest = min(negative, lowest_curvature(curvature, start.to(b.device)))  # a bound from above
+            more = damping + 2 * max(-lowest, 1e-8)
+            raise InfluenceStoreError(
+                "EK-FAC refinement met negative curvature (H + damping I has an eigenvalue <= {lowest:.3g}): the "
+                "Hessian is not positive definite here; add damping, e.g. {more_damping}, or use {approximator_exact}",
+                lowest=lowest, damping=more, more_damping=f'options={{"damping": {more:.3g}}}',
+                approximator_exact='approximator="exact"')
         d = self.diagnostics
         d["refine_calls"] = d.get("refine_calls", 0) + 1
         d["refine_curvature_products"] = d.get("refine_curvature_products", 0) + products
         d["refine_final_residual_max"] = max(d.get("refine_final_residual_max", 0.0), trace[-1])
-        d["refine_stalled_vectors"] = d.get("refine_stalled_vectors", 0) + stalled
         d["refine_preconditioners_used"] = sorted({*d.get("refine_preconditioners_used", []), preconditioner})
         if d["refine_calls"] <= MAX_TRACED_CALLS:
             d.setdefault("refine_residual_traces", []).append(trace)

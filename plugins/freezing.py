@@ -63,7 +63,7 @@ class LastLayer(FreezingPolicy):
 
 
 class Modules(FreezingPolicy):
-    """Track only the parameters inside the named modules (e.g. -o names encoder -o names head)."""
+    """Track only the parameters inside the named modules (e.g. -f names encoder -f names head)."""
 
     name = "modules"
 
@@ -73,7 +73,10 @@ class Modules(FreezingPolicy):
 
         def __post_init__(self) -> None:
             if not self.names:
-                raise ValueError("give at least one module name, e.g. -o names classifier")
+                from influence_store.errors import InfluenceStoreError
+
+                raise InfluenceStoreError("freezing policy 'modules' needs at least one module name, e.g. "
+                                          "{module_names}", module_names='freeze_options={"names": ["classifier"]}')
 
     def tracked(self, model):
         modules = dict(model.named_modules())

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-import inspect
 import importlib.util
+import inspect
 import sys
+import typing
 from pathlib import Path
 
 from influence_store.errors import InfluenceStoreError
 from influence_store.hookspecs import hookimpl
+from influence_store.options import parse_options
 from influence_store.task import TaskLoader
 
 
@@ -32,14 +35,36 @@ class PythonTaskLoader(TaskLoader):
             signature = inspect.signature(factory)
         except (TypeError, ValueError):
             signature = None
-        if signature is not None and self.options:
+        options = dict(self.options)
+        if signature is not None and options:
             accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-            unknown = [k for k in self.options if k not in signature.parameters and not accepts_any]
+            unknown = [k for k in options if k not in signature.parameters and not accepts_any]
             if unknown:
                 valid = ", ".join(signature.parameters) or "(none)"
                 raise InfluenceStoreError(f"task function {function!r} takes no option {unknown[0]!r}; "
                                           f"its parameters: {valid}")
-        return factory(**self.options)
+            options.update(_typed_options(factory, signature, options, f"task function {function!r}"))
+        return factory(**options)
+
+
+def _typed_options(factory, signature, options: dict, owner: str) -> dict:
+    """Options given as text (``-t KEY VALUE``) converted by each parameter's annotation, else by the type of
+    its default (int, float, bool, str), as plugin options are; other values are passed on as they are."""
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:  # an annotation that does not resolve: fall back to the defaults' types
+        hints = {}
+    fields = []
+    for name, value in options.items():
+        parameter = signature.parameters.get(name)
+        text = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        if parameter is None or not text:
+            continue
+        kind = hints.get(name, type(parameter.default) if type(parameter.default) in (int, float, bool, str) else None)
+        if kind is not None:
+            fields.append((name, kind))
+    given = {name: options[name] for name, _ in fields}
+    return vars(parse_options(dataclasses.make_dataclass("TaskOptions", fields), given, owner))
 
 
 def _import(where: str):

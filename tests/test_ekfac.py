@@ -177,6 +177,57 @@ def test_tied_weights_take_the_flat_gradients():
     assert LayerView(TrackedModel(mixed_task(), tracked_parameters(Mixed(), "all"))).reproduces_gradients()
 
 
+class Attention(torch.nn.Module):
+    """nn.MultiheadAttention multiplies by out_proj.weight itself and never calls the out_proj module."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(7, 4)
+        self.attn = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+
+def test_an_uncalled_layer_says_why_and_how_to_freeze_it():
+    g = torch.Generator().manual_seed(0)
+    tokens, labels = torch.randint(0, 7, (16, 5), generator=g), torch.randint(0, 3, (16,), generator=g)
+    torch.manual_seed(0)
+    task = ist.Task(Attention().double(), ce_loss, TensorDataset(tokens, labels), TensorDataset(tokens[:4], labels[:4]))
+    with pytest.raises(InfluenceStoreError) as info:
+        ist.compute_scores(task, approximator="ekfac", options={"damping": 0.1})
+    message = str(info.value)
+    assert message.startswith("layer 'attn.out_proj' is tracked but the loss never calls it: its weight is used "
+                              "without calling the module (as nn.MultiheadAttention uses its out_proj)")
+    assert """freeze_options={"patterns": ['attn.out_proj.']}""" in message and 'approximator="exact"' in message
+    frozen = ist.compute_scores(task, approximator="ekfac", options={"damping": 0.1}, freeze="regex",
+                                freeze_options={"patterns": [info.value.facts["pattern"]]})
+    assert "attn.out_proj.weight" not in frozen.settings["tracked_parameters"]
+    assert torch.isfinite(frozen.matrix()).all()
+
+
+class DictOutput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return {"y": self.linear(x)}
+
+
+def test_a_fisher_that_needs_one_tensor_output_names_the_empirical_option():
+    task = linear_regression_task(n=20)
+    task.model = DictOutput().double()
+    task.loss = lambda m, b: ((m(b[0])["y"] - b[1]) ** 2).sum(-1)
+    with pytest.raises(InfluenceStoreError) as info:
+        ist.compute_scores(task, approximator="ekfac")
+    assert str(info.value) == ("the true Fisher needs the model called once per batch with a tensor output; use the "
+                               'empirical Fisher: options={"fisher": "empirical"}')
+    assert ist.compute_scores(task, approximator="ekfac", options={"fisher": "empirical"}).matrix().isfinite().all()
+
+
 def test_gauss_newton_fisher_sums_to_the_gauss_newton_matrix():
     """The per-output passes' gradient outer products sum to J^T H_out J (checked with jacobians)."""
     task = mixed_task(n=6)
@@ -290,20 +341,43 @@ def test_refinement_on_the_gauss_newton_matrix_reduces_its_residual(digits):
 
 
 def test_block_cg_solves_dependent_rows_and_stops_at_negative_curvature():
-    from influence_store.solvers import block_pcg
+    from influence_store.solvers import block_pcg, lowest_curvature, pcg
 
     torch.manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64))
     spd = q @ torch.diag(torch.logspace(-2, 1, 40, dtype=torch.float64)) @ q.T
     b = torch.randn(3, 40, dtype=torch.float64)
     b = torch.cat([b, b[:1] * 2, b[1:2] - b[2:3]])  # two rows that add no direction of their own
-    x, trace, products, stalled = block_pcg(lambda v: v @ spd, lambda r: r, b, 100, 1e-10)
+    x, trace, products, negative = block_pcg(lambda v: v @ spd, lambda r: r, b, 100, 1e-10)
     assert torch.allclose(x, torch.linalg.solve(spd, b.T).T, rtol=0, atol=1e-8 * float(x.abs().max()))
-    assert trace[-1] < 1e-10 and stalled == 0 and products == len(trace) - 1 < 40
+    assert trace[-1] < 1e-10 and negative is None and products == len(trace) - 1 < 40
 
     indefinite = spd - 0.5 * torch.outer(q[:, 0], q[:, 0]) - 0.5 * torch.outer(q[:, 1], q[:, 1])
-    x, trace, products, stalled = block_pcg(lambda v: v @ indefinite, lambda r: r, b, 100, 1e-10)
-    assert stalled == len(b) and torch.isfinite(x).all() and products < 40
+    lowest = float(torch.linalg.eigvalsh(indefinite)[0])
+    for solve in (block_pcg, pcg):  # each reports a Rayleigh quotient <= 0, a bound on the lowest eigenvalue
+        x, trace, products, negative = solve(lambda v: v @ indefinite, lambda r: r, b, 100, 1e-10)
+        assert negative is not None and lowest <= negative <= 0 and products < 40
+    start = torch.randn(1, 40, dtype=torch.float64)
+    assert lowest_curvature(lambda v: v @ indefinite, start) == pytest.approx(lowest, rel=1e-10)
+
+
+@pytest.mark.parametrize("method", ["block", "vector"])
+def test_refinement_refuses_an_indefinite_hessian_and_names_a_damping_that_works(digits, method):
+    """H + l2 of the tanh MLP has eigenvalue -1e-3: CG's iterate there is no inverse (it used to be stored as
+    the scores). The error reports the lowest eigenvalue and a damping with which refinement then converges."""
+    task, g, _ = digits
+    model = TrackedModel(task, tracked_parameters(task.model, "all"))
+    lowest = float(torch.linalg.eigvalsh(model.dense_hessian())[0])
+    assert lowest < 0
+    ekfac, _ = approximator(task, "ekfac", refine_iters=200, refine_method=method)
+    with pytest.raises(InfluenceStoreError, match="negative curvature") as info:
+        ekfac.inverse_hvp(g)
+    assert info.value.facts["lowest"] == pytest.approx(lowest, rel=1e-6)
+    damping = info.value.facts["damping"]
+    assert damping > -lowest and f'{{"damping": {damping:.3g}}}' in str(info.value)
+    refined, _ = approximator(task, "ekfac", damping=damping, refine_iters=200, refine_tol=1e-9, refine_method=method)
+    truth = torch.linalg.solve(model.dense_hessian() + damping * torch.eye(model.num_params, dtype=torch.float64), g.T)
+    assert relative_error(refined.inverse_hvp(g), truth.T) < 1e-6
 
 
 def test_block_cg_is_the_best_answer_in_its_block_krylov_space_for_short_and_long_rows():

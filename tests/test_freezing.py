@@ -90,13 +90,57 @@ def test_modules_tracks_the_named_subtrees_only():
         tracked_parameters(model, "modules", {"names": ["decoder"]})
 
 
-@pytest.mark.parametrize("policy, options", [("regex", {"patterns": [".*"]}), ("all", None)])
-def test_zero_tracked_parameters_is_an_error(policy, options):
-    model = Encoder()
-    if policy == "all":
-        model.requires_grad_(False)
+def test_zero_tracked_parameters_is_an_error():
     with pytest.raises(ist.InfluenceStoreError, match="zero tracked parameters"):
-        tracked_parameters(model, policy, options)
+        tracked_parameters(Encoder(), "regex", {"patterns": [".*"]})
+
+
+@pytest.mark.parametrize("policy", ["all", "last-layer"])
+def test_a_fully_frozen_model_is_told_so_not_to_loosen_the_policy(policy):
+    model = Encoder().requires_grad_(False)
+    with pytest.raises(ist.InfluenceStoreError) as info:
+        tracked_parameters(model, policy)
+    assert str(info.value) == ("the model has no parameter with requires_grad=True; set requires_grad=True on the "
+                               "parameters to compute influence over")
+
+
+def test_modules_without_names_says_how_to_give_them():
+    from plugins.freezing import Modules
+
+    assert "-f names encoder" in Modules.__doc__  # the CLI's help text: freezing options are -f, not -o
+    with pytest.raises(ist.InfluenceStoreError) as info:
+        tracked_parameters(Encoder(), "modules", {})
+    assert str(info.value) == ("freezing policy 'modules' needs at least one module name, e.g. "
+                               'freeze_options={"names": ["classifier"]}')
+
+
+class Tied(torch.nn.Module):
+    """A decoder sharing the embedding's weight: named_parameters() lists that tensor once, as emb.weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(5, 3)
+        self.mix = torch.nn.Linear(3, 3)
+        self.dec = torch.nn.Linear(3, 5, bias=False)
+        self.dec.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.dec(torch.tanh(self.mix(self.emb(tokens).mean(1))))
+
+
+def test_a_policy_naming_a_tied_parameter_by_another_name_tracks_it_once():
+    """last-layer picks dec.weight, the second name of emb.weight: it tracks that tensor, and the scores are
+    those computed over it by name."""
+    torch.manual_seed(0)
+    model = Tied().double()
+    assert "dec.weight" not in dict(model.named_parameters())
+    assert tracked_parameters(model, "last-layer") == ["emb.weight"]
+    assert tracked_parameters(model, "regex", {"patterns": ["mix"]}) == ["emb.weight"]
+    x, y = torch.randint(0, 5, (12, 4)), torch.randint(0, 5, (12,))
+    task = ist.Task(model, ce_loss, TensorDataset(x[:9], y[:9]), TensorDataset(x[9:], y[9:]), l2=0.1)
+    last = ist.compute_scores(task, approximator="exact", freeze="last-layer").matrix()
+    by_name = ist.compute_scores(task, approximator="exact", freeze="modules", freeze_options={"names": ["emb"]})
+    assert torch.equal(last, by_name.matrix())
 
 
 def test_unknown_policy_lists_the_available_ones():

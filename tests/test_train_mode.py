@@ -47,6 +47,6 @@ def test_train_mode_refuses_batch_normalization_and_leaves_the_model_alone(norm)
     task = task_with(norm)
     task.model(task.train.tensors[0][:4])  # materializes the lazy layer
     before = {k: v.clone() for k, v in task.model.state_dict().items()}
-    with pytest.raises(ist.InfluenceStoreError, match="cannot be used with batch normalization .* --model-mode eval"):
+    with pytest.raises(ist.InfluenceStoreError, match="cannot be used with batch normalization .* model_mode=.eval."):
         ist.compute_scores(task, "exact", model_mode="train")
     assert all(torch.equal(before[k], v) for k, v in task.model.state_dict().items())
