@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import InfluenceStoreError
-from .files import write_temp_beside
+from .files import check_output_path, write_temp_beside
 from .options import NoOptions, options_to_dict, parse_options
 
 if TYPE_CHECKING:  # the proposal_rules plugin imports this module at startup; SQLAlchemy loads on use
@@ -144,14 +144,16 @@ def export(store: Store, dataset: str, output: str, version: str, parent: str | 
            actor: str | None = None, note: str | None = None) -> dict:
     """Write the training set minus accepted (and earlier applied) removals as JSON lines, plus a
     removals manifest, then mark the accepted proposals applied in the new model version."""
+    from .curation_store import check_version_name
+
+    check_version_name(version)  # before any file is written
     out = Path(output)
     manifest = out.with_name(out.name.removesuffix(".jsonl") + ".removals.json")
     for path in (out, manifest):
+        check_output_path(path)
         if path.exists() and not force:
             raise InfluenceStoreError("{path!r} exists; pass {force} to overwrite it", path=str(path),
                                       force="force=True")
-    if not out.parent.is_dir():
-        raise InfluenceStoreError(f"folder {str(out.parent)!r} does not exist; create it first")
     run = store.latest_train_run(dataset)
     parent = parent or run["model_version"]
     store.version(parent)

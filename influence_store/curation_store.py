@@ -55,6 +55,7 @@ class CurationStore:
                      checkpoint_sha256: str | None = None, dataset: str | None = None, notes: str | None = None,
                      weights_sha256: str | None = None) -> dict:
         """``add_version`` inside a transaction the caller holds (export creates a version and applies removals)."""
+        check_version_name(name)
         if s.scalar(select(ModelVersion.id).where(ModelVersion.name == name)) is not None:
             raise InfluenceStoreError(f"model version {name!r} already exists; choose a new name")
         parent_id = None
@@ -281,3 +282,9 @@ def _outcome(p: Proposal) -> str | None:
 
 def _json_or_none(text: str | None) -> Any:
     return None if text is None else json.loads(text)
+
+
+def check_version_name(name: str) -> None:
+    """A model version is referred to by name: an empty or blank one could never be named again."""
+    if not name.strip():
+        raise InfluenceStoreError(f"model version name {name!r} is blank; give a name")

@@ -28,13 +28,17 @@ def read_decisions(store: Store, path: str) -> list[tuple[int, str, str | None, 
     file = Path(path)
     if not file.is_file():
         raise InfluenceStoreError(f"decisions file {path!r} does not exist; give a CSV file")
-    with file.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = {(c or "").strip().lower() for c in reader.fieldnames or []}
-        if not ({"id", "key"} & columns) or not ({"decision", "status"} & columns):
-            raise InfluenceStoreError(f"{path!r} needs a header with id (or key) and decision (or status) columns; "
-                                      f"it has: {', '.join(sorted(columns)) or '(none)'}")
-        rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    try:
+        with file.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = {(c or "").strip().lower() for c in reader.fieldnames or []}
+            if not ({"id", "key"} & columns) or not ({"decision", "status"} & columns):
+                raise InfluenceStoreError(f"{path!r} needs a header with id (or key) and decision (or status) "
+                                          f"columns; it has: {', '.join(sorted(columns)) or '(none)'}")
+            rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    except UnicodeDecodeError:
+        raise InfluenceStoreError(f"{path!r} is not UTF-8 text; save it as UTF-8 (a spreadsheet's \"CSV UTF-8\")") \
+            from None
     proposals = store.proposals()
     by_id = {p["id"]: p for p in proposals}
     decisions = []

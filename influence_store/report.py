@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InfluenceStoreError
-from .files import write_atomic
+from .files import check_output_path, write_atomic
 
 if TYPE_CHECKING:
     from .store import Store
@@ -74,8 +74,7 @@ def build_report(store: Store, run_id: int, top: int = 10, per_test: int = 5) ->
 
 def write_report(store: Store, run_id: int, output: str, top: int = 10, force: bool = True) -> str:
     path = Path(output)
-    if not path.parent.is_dir():
-        raise InfluenceStoreError(f"folder {str(path.parent)!r} does not exist; create it first")
+    check_output_path(path)
     if path.exists() and not force:
         raise InfluenceStoreError("{path!r} exists; pass {force} to overwrite it", path=output, force="force=True")
     write_atomic(path, build_report(store, run_id, top))

@@ -1,9 +1,10 @@
 """Run orchestration: task -> scores -> store, resumable and idempotent.
 
 A run is identified by what determines its scores: the model's weights, the training and test
-examples (keys + content hashes), the loss function's code, the task options, the approximator and its
-options, the freezing policy, seed, device and dtype. Running the same thing again reports the stored
-run; a run that stopped midway resumes at its first unfinished chunk.
+examples (keys + content hashes), the loss function's code (with the simple values it closes over, such
+as a task option it reads), the approximator and its options, the freezing policy, seed, device and
+dtype. Running the same thing again reports the stored run; a run that stopped midway resumes at its first
+unfinished chunk.
 """
 
 from __future__ import annotations
@@ -170,13 +171,13 @@ def execute_run(store: Store, spec: str | Task, settings: RunSettings | None = N
         check_not_removed(store, model_version, train_rows)
     identity = {
         **settings.identity(), "weights": weights, "model_version": model_version, "tracked": tracked,
-        "l2": task.l2, "dataset": dataset, "loss": code_fingerprint(task.loss), "task_options": task_options or {},
+        "l2": task.l2, "dataset": dataset, "loss": code_fingerprint(task.loss),
         "train": hashlib.sha256(json.dumps([r[:2] for r in train_rows]).encode()).hexdigest(),
         "test": hashlib.sha256(json.dumps([r[:2] for r in test_rows]).encode()).hexdigest(),
     }
     fingerprint = _digest(identity)
-    # Runs stored before the loss and task options were part of the identity are found by the rest of it.
-    earlier = _digest({k: v for k, v in identity.items() if k not in ("loss", "task_options")})
+    # Runs stored before the loss was part of the identity are found by the rest of it.
+    earlier = _digest({k: v for k, v in identity.items() if k != "loss"})
     existing = store.run(resume) if resume is not None else store.find_run(fingerprint) or store.find_run(earlier)
     if existing is not None and existing["settings_fingerprint"] not in (fingerprint, earlier):
         raise InfluenceStoreError(f"run {resume} cannot be resumed: its task, model or data changed since it "

@@ -38,15 +38,21 @@ def sqlite_path(location: str | None) -> Path | None:
     An in-memory database is refused: it would vanish with the process that wrote it."""
     location = location or default_location()
     if "://" not in location:
+        if location == ":memory:":  # what sqlite3 and SQLAlchemy take as in-memory, not as a file name
+            raise _in_memory(location)
         return Path(location).expanduser()
     scheme, _, rest = location.partition("://")
     if scheme.split("+")[0] != "sqlite":
         return None
     database = rest[1:].split("?")[0] if rest.startswith("/") else rest.split("?")[0]
     if database in ("", ":memory:") or "mode=memory" in location:
-        raise InfluenceStoreError(f"store {location!r} is an in-memory database, which disappears when the command "
-                                  f"ends; give a file path")
+        raise _in_memory(location)
     return Path(database).expanduser()
+
+
+def _in_memory(location: str) -> InfluenceStoreError:
+    return InfluenceStoreError(f"store {location!r} is an in-memory database, which disappears when the command "
+                               f"ends; give a file path")
 
 
 def revisions() -> dict[str, str | None]:
@@ -70,21 +76,58 @@ def head_revision() -> str:
     return heads.pop()
 
 
-def check_revision(current: str | None, location: str) -> None:
-    """A read needs a store at the head revision: say how to get there otherwise."""
+def check_revision(current: str | None, location: str, tables: set[str] | None = None) -> None:
+    """A read needs a store at the head revision: say how to get there otherwise. ``tables`` (the
+    database's table names), when known, tell another tool's Alembic database from a newer store."""
     head = head_revision()
     if current == head:
         return
-    if current is None:
-        raise InfluenceStoreError("{location!r} is not an influence-store database (no schema revision); give a "
-                                  "store {with_db} or create one with {init}", location=location,
-                                  with_db=AS_STORE_LOCATION, init=f"Store({location!r})")
+    check_ours(current, location, tables)
     if current not in revisions():
         raise InfluenceStoreError(f"store {location!r} has schema revision {current!r}, newer than this "
                                   f"influence-store knows (head {head!r}); upgrade influence-store")
     raise InfluenceStoreError("store {location!r} is at schema {current!r}, older than this influence-store "
                               "(head {head!r}); upgrade it with {db_upgrade}", location=location, current=current,
                               head=head, db_upgrade=f"Store({location!r})")
+
+
+def check_ours(current: str | None, location: str, tables: set[str] | None = None) -> None:
+    """The database is an influence-store one: it has a schema revision, and a revision this influence-store
+    does not know comes with our tables (a newer store), not without them (another tool's Alembic)."""
+    if current is None:
+        raise InfluenceStoreError("{location!r} is not an influence-store database (no schema revision); give a "
+                                  "store {with_db} or create one with {init}", location=location,
+                                  with_db=AS_STORE_LOCATION, init=f"Store({location!r})")
+    if tables is not None and "runs" not in tables and current not in revisions():
+        raise InfluenceStoreError("{location!r} is not an influence-store database (its schema revision {current!r} "
+                                  "is not one of influence-store's, and it has no runs table); give a store {with_db}",
+                                  location=location, current=current, with_db=AS_STORE_LOCATION)
+
+
+def check_not_foreign(location: str | None) -> None:
+    """Before a write opens an existing SQLite file: one that another tool's Alembic manages is refused as
+    not ours (the write path would otherwise call it newer). Anything unreadable is left to ``Store``."""
+    location = location or default_location()
+    path = sqlite_path(location)
+    try:
+        if path is None or not path.is_file():
+            return
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+        try:
+            tables, current = _tables_and_revision(connection)
+        finally:
+            connection.close()
+    except (OSError, sqlite3.Error):
+        return
+    if current is not None:
+        check_ours(current, location, tables)
+
+
+def _tables_and_revision(connection: sqlite3.Connection) -> tuple[set[str], str | None]:
+    tables = {r[0] for r in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    current = (connection.execute("SELECT version_num FROM alembic_version").fetchone() or [None])[0] \
+        if "alembic_version" in tables else None
+    return tables, current
 
 
 def check_sqlite_file(path: Path, location: str, *, create: bool = False) -> None:
@@ -115,9 +158,7 @@ def connect_for_reading(location: str | None = None) -> sqlite3.Connection:
     try:
         connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=60)
         connection.row_factory = sqlite3.Row
-        tables = {r[0] for r in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        current = (connection.execute("SELECT version_num FROM alembic_version").fetchone() or [None])[0] \
-            if "alembic_version" in tables else None
+        tables, current = _tables_and_revision(connection)
     except sqlite3.DatabaseError as exc:
         if not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
             raise InfluenceStoreError(  # SQLite writes its -wal/-shm files beside the store, even to read
@@ -125,7 +166,7 @@ def connect_for_reading(location: str | None = None) -> sqlite3.Connection:
                 f"copy the store to a writable folder") from None
         raise InfluenceStoreError("cannot open store {location!r}: {reason}; give an influence-store database "
                                   "{with_db}", location=location, reason=str(exc), with_db=AS_STORE_LOCATION) from None
-    check_revision(current, location)
+    check_revision(current, location, tables)
     return connection
 
 

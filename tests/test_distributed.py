@@ -33,11 +33,14 @@ import torch
 from tasks import bce_loss, breast_cancer_task
 
 
-def paced(pace="0.01", fast_after=""):
-    """100 train x 12 test; every loss call sleeps ``pace`` seconds (0.01 once the file ``fast_after`` exists),
-    so blocks take a while."""
+def paced(pace=None):
+    """100 train x 12 test; every loss call sleeps ``pace`` seconds (else $PACE; 0.01 once the file
+    $PACE_FAST_AFTER exists), so blocks take a while. The environment, not task options, so that processes
+    paced differently still compute one run (task options are part of a run's identity)."""
     def loss(model, batch):
-        time.sleep(0.01 if fast_after and os.path.exists(fast_after) else float(pace))
+        fast_after = os.environ.get("PACE_FAST_AFTER", "")
+        seconds = pace if pace is not None else os.environ.get("PACE", "0.01")
+        time.sleep(0.01 if fast_after and os.path.exists(fast_after) else float(seconds))
         return bce_loss(model, batch)
 
     task = breast_cancer_task(n_train=100)
@@ -66,10 +69,11 @@ def reference(spec, tmp_path_factory):
     return scores_by_key(str(db), json.loads(result.stdout)["run_id"])
 
 
-def start(db, spec, *extra, pace="0.01"):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+def start(db, spec, *extra, pace="0.01", fast_after=""):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "PACE": pace, "PACE_FAST_AFTER": fast_after}
     command = [sys.executable, "-c", "from influence_store.cli import main; main()", "--db", str(db), "run", spec,
-               *ARGS, "-t", "pace", pace, *extra]
+               *ARGS, *extra]
     # Ctrl-C as on a terminal, even where the test runner was started with SIGINT ignored (which children
     # inherit, and Python then installs no KeyboardInterrupt handler).
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -144,7 +148,7 @@ def test_a_process_that_joined_and_is_interrupted_leaves_the_run_to_the_other(sp
     # One registers the run, the other joins. Every block takes seconds in both until both hold one, however
     # loaded the machine (neither can finish the run alone first); then the first speeds up, and the second is
     # still busy with its block when it is interrupted.
-    first = start(db, spec, "-t", "fast_after", str(fast), pace="1.0")
+    first = start(db, spec, pace="1.0", fast_after=str(fast))
     second = start(db, spec, pace="1.0")
     owners = wait_for(lambda: {pid_of(o) for _, o in held_blocks(db)} >= {first.pid, second.pid} and held_blocks(db),
                       "both processes to hold blocks", [first, second])
@@ -177,7 +181,7 @@ def test_a_killed_run_shows_interrupted_then_the_same_command_finishes_it(spec, 
     wait_for(lambda: shown()["status"] == "interrupted", "the lease to run out", seconds=10)
     assert shown()["workers"] == [] and query(db, "SELECT status FROM runs WHERE id = 1") == [("running",)]
 
-    again = CliRunner().invoke(cli, ["--db", str(db), "run", spec, *ARGS, "-t", "pace", "0"])
+    again = CliRunner().invoke(cli, ["--db", str(db), "run", spec, *ARGS], env={"PACE": "0"})
     assert again.exit_code == 0, again.output
     assert (json.loads(again.stdout)["run_id"], json.loads(again.stdout)["outcome"]) == (1, "resumed")
     assert_complete(db, reference)

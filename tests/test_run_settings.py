@@ -75,8 +75,9 @@ def test_an_unknown_or_bad_setting_is_refused_before_anything_runs(tmp_path):
         RunSettings(test_chunk_size=0)
 
 
-def test_an_edited_loss_or_other_task_options_start_a_new_run(tmp_path):
-    """The loss's code and the task options can change every score: they are part of a run's identity."""
+def test_an_edited_loss_or_a_value_it_reads_starts_a_new_run(tmp_path):
+    """The loss's code and the simple values it closes over (a task option, say) are part of a run's identity:
+    an edited loss never reports the old scores."""
     from dataclasses import replace
 
     store = Store(str(tmp_path / "s.db"))
@@ -91,8 +92,14 @@ def test_an_edited_loss_or_other_task_options_start_a_new_run(tmp_path):
     assert edited.outcome == "computed" and edited.run_id != first.run_id
     assert not torch.allclose(torch.tensor(store.score_matrix(edited.run_id)),
                               torch.tensor(store.score_matrix(first.run_id)))  # the old scores were not reused
-    optioned = execute_run(store, task, approximator="exact", self_influence=False, task_options={"scale": "2"})
-    assert optioned.run_id not in (first.run_id, edited.run_id)
+
+    def weighted(weight):  # as a task function would build its loss from a -t option
+        return lambda model, batch, inner=task.loss: float(weight) * inner(model, batch)
+
+    heavier = execute_run(store, replace(task, loss=weighted("3")), approximator="exact", self_influence=False)
+    assert heavier.run_id not in (first.run_id, edited.run_id)
+    again = execute_run(store, replace(task, loss=weighted("3")), approximator="exact", self_influence=False)
+    assert (again.run_id, again.outcome) == (heavier.run_id, "existing")
 
 
 def test_a_code_fingerprint_follows_the_code_and_the_values_it_closes_over():

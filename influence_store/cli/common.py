@@ -19,7 +19,13 @@ def db_option(command):
                   help="Store location (default: $INFLUENCE_STORE_DB or ./influence-store.db).")
     @functools.wraps(command)
     def wrapper(*args, db, **kwargs):
-        return command(*args, db=db or (click.get_current_context().find_root().params.get("db")), **kwargs)
+        context = click.get_current_context()
+        while db is None and context.parent is not None:  # `runs --db X list` and `--db X runs` both count
+            context = context.parent
+            db = context.params.get("db")
+        if db is not None and not db.strip():
+            raise click.ClickException("--db is empty; give a store path or URL, or leave --db out for the default")
+        return command(*args, db=db, **kwargs)
 
     return wrapper
 
@@ -28,9 +34,10 @@ def open_store(db, *, write: bool = False, create: bool = False):
     """The store for a command. Reads never create or migrate a store (they say there is none, or that it
     needs `db upgrade`); writes upgrade it; only ``create=True`` commands (init, run, ...) make a new one."""
     from ..store import Store
-    from ..store_file import check_revision, connect_for_reading, sqlite_path
+    from ..store_file import check_not_foreign, check_revision, connect_for_reading, sqlite_path
 
     if write or create:
+        check_not_foreign(db)
         return Store(db, create=create)
     if sqlite_path(db) is not None:
         connect_for_reading(db).close()

@@ -10,6 +10,8 @@ from typing import Any, Iterable
 
 import click
 
+from .common import db_option
+
 
 def output_options(command):
     """Add ``--json`` and ``--csv`` to a command; it receives ``fmt`` ('table', 'json' or 'csv')."""
@@ -26,15 +28,16 @@ def output_options(command):
 
 
 def listing_group(name: str, help: str) -> click.Group:
-    """A noun's group that lists when called alone (``runs`` = ``runs list``, with --json/--csv too);
+    """A noun's group that lists when called alone (``runs`` = ``runs list``, with --db, --json, --csv too);
     its ``list`` subcommand is added to it like any other."""
 
     @click.group(name, invoke_without_command=True, help=help)
+    @db_option
     @output_options
     @click.pass_context
-    def group(ctx, fmt):
+    def group(ctx, db, fmt):
         if ctx.invoked_subcommand is None:
-            ctx.invoke(group.commands["list"], as_json=fmt == "json", as_csv=fmt == "csv")
+            ctx.invoke(group.commands["list"], db=db, as_json=fmt == "json", as_csv=fmt == "csv")
 
     return group
 

@@ -4,6 +4,8 @@ set without the accepted removals, in a new model version)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from .common import ID, db_option, open_store, pairs
@@ -78,7 +80,7 @@ def proposals_show(db, proposal_id, fmt):
         emit(proposal, fmt)
         return
     for key in ("id", "run_id", "rule", "rank", "key", "label", "status", "outcome", "new_label", "reviewer", "note"):
-        click.echo(f"{key:>10}: {proposal[key]}")
+        click.echo(f"{key:>10}: {'-' if proposal[key] is None else proposal[key]}")
     click.echo(f"{'evidence':>10}: {evidence_text(proposal['evidence'])}")
     for event in proposal["events"]:
         relabel = f" (relabel to {event['new_label']!r})" if event.get("new_label") is not None else ""
@@ -165,16 +167,22 @@ def examples():
 @click.option("--dataset", default=None, help="Dataset of the key (needed when several hold it).")
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
               help="Write the rendering: an image to FILE.png, text to any other file.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--with-task", is_flag=True, help="Render with the task's own render(example): loads the run's task "
                                                 "(which may train its model) instead of reading the stored payload.")
 @output_options
-def examples_show(db, key, dataset, output, with_task, fmt):
+def examples_show(db, key, dataset, output, force, with_task, fmt):
     """Show one example as its task renders it, with its label and where it was scored.
 
     Example: influence-store examples show digit-1337 -o digit.png
     """
+    from ..files import check_output_path
     from ..render import StoredRenderer, write_rendering
 
+    if output:
+        check_output_path(Path(output))
+        if Path(output).exists() and not force:
+            raise click.ClickException(f"{output!r} exists; pass --force to overwrite it")
     store = open_store(db)
     found = store.examples_by_key(key, dataset)
     if not found:
@@ -188,7 +196,11 @@ def examples_show(db, key, dataset, output, with_task, fmt):
     runs = [h for h in history if h["example_id"] == example["id"]]
     rendering = StoredRenderer(use_task=with_task).render(example, store.run(runs[-1]["run_id"]) if runs else None)
     if output:
-        click.echo(f"wrote {write_rendering(rendering, output)}", err=fmt != "table")
+        try:
+            click.echo(f"wrote {write_rendering(rendering, output)}", err=fmt != "table")
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {output!r}: {exc.strerror or exc}; choose a writable folder") \
+                from None
     info = {"key": example["key"], "dataset": example["dataset"], "label": example["label"],
             "text": rendering.text, "fields": rendering.fields, "image": rendering.png is not None,
             "history": history}

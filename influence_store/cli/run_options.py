@@ -6,6 +6,7 @@ import functools
 from dataclasses import fields
 
 import click
+from click.core import ParameterSource
 
 from ..settings import RunSettings, default_of
 from .common import pairs
@@ -46,3 +47,13 @@ def _from_option(f, value):
     if isinstance(default, bool):
         return default != value  # the flag given means "not the default"
     return value
+
+
+def options_given(context: click.Context, names: set[str]) -> list[str]:
+    """The long flags of the options among ``names`` that the command line set."""
+    return [max(p.opts, key=len) for p in context.command.params
+            if p.name in names and context.get_parameter_source(p.name) is ParameterSource.COMMANDLINE]
+
+
+def setting_names() -> set[str]:
+    return {f.name for f in fields(RunSettings) if f.metadata["flags"]}

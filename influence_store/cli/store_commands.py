@@ -10,7 +10,7 @@ import click
 
 from .common import confirm_stored_task, db_option, open_store, pairs, stdin_is_terminal
 from .output import listing_group, at_least_one, emit, output_options
-from .run_options import settings_options
+from .run_options import options_given, setting_names, settings_options
 
 
 @click.command()
@@ -44,8 +44,10 @@ def db_path(db):
 def db_status(db, fmt):
     """Schema revision and row counts."""
     from ..store import Store
+    from ..store_file import check_ours
 
-    status = Store(db, create=False, upgrade=False).status()  # any revision: it says which one
+    status = Store(db, create=False, upgrade=False).status()  # any revision, if ours: it says which one
+    check_ours(status["revision"], status["location"], set(status["rows"]))
     if fmt == "json":
         emit(status, fmt)
         return
@@ -86,6 +88,10 @@ def db_downgrade(db, revision, yes):
 @click.argument("target")
 def db_backup(db, target):
     """Copy a consistent snapshot of the store to TARGET (safe while a run writes)."""
+    import sqlite3
+    from pathlib import Path
+
+    from ..files import check_output_path
     from ..store import Store
     from ..store_file import check_sqlite_file, sqlite_path
 
@@ -95,7 +101,12 @@ def db_backup(db, target):
     store = Store(db, create=False, upgrade=False)  # any revision: a backup before an upgrade is the point
     if store.revision() is None:
         raise click.ClickException(f"{store.location!r} is not an influence-store database (no schema revision)")
-    store.backup(target)
+    if store.is_sqlite:
+        check_output_path(Path(target))
+    try:
+        store.backup(target)
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"cannot write backup {target!r}: {exc}; choose a writable folder") from None
     click.echo(f"backed up to {target}")
 
 
@@ -110,8 +121,8 @@ def db_backup(db, target):
 @click.option("--model-version", default=None, help="Model version name (default: one derived from the weights).")
 @click.option("--dataset", default=None, help="Name of the training dataset (default: the task's name).")
 @click.option("--resume", "resume", type=int, default=None, metavar="RUN",
-              help="Resume an interrupted run with its stored settings; TASK_SPEC must be the run's own task "
-                   "('-' asks on a terminal before loading the task the store names).")
+              help="Resume an interrupted run with its stored settings (setting options are refused); TASK_SPEC "
+                   "must be the run's own task ('-' asks on a terminal before loading the task the store names).")
 @click.option("--allow-removed", is_flag=True,
               help="Score training examples whose removal was applied in this model version's lineage.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
@@ -137,6 +148,11 @@ def run(db, task_spec, settings, task_options, train_data, test_data, model_vers
     from ..runs import execute_run
     from ..trust import UntrustedTaskError
 
+    if resume is not None:  # a resumed run computes with its stored settings: one given here would be ignored
+        given = options_given(click.get_current_context(), setting_names() | {"model_version", "dataset"})
+        if given:
+            raise click.ClickException(f"--resume {resume} computes with the run's stored settings; leave out "
+                                       f"{', '.join(given)} (or start a new run without --resume)")
     store = open_store(db, create=True)
     task_opts = pairs(task_options)
     if train_data:
@@ -215,7 +231,7 @@ def scores(db, run_id, test_key, top, rank_by, by, partial, fmt):
 
     Scores: positive = helpful (removing it would raise the test loss), negative = harmful.
 
-    Example: influence-store scores 1 --test digit-17 --top 5 --json
+    Example: influence-store scores 1 --test digit-18 --top 5 --json
     """
     store = open_store(db)
     check_finished(store.run(run_id), partial)  # also a clear error for an unknown run
