@@ -200,7 +200,15 @@ class LiSSA(Approximator):
         norms = h.norm(dim=1)
         # Every iterate of a convergent recursion has norm <= (step + 1) |v|; far above that it diverges.
         if not torch.isfinite(norms).all() or (norms > 10 * (step + 1) * v_norm).any():
-            larger = 10 * self.scale
+            larger, more = 10 * self.scale, max(10 * self.options.damping, 1e-3)
+            if self.options.scale == "auto":  # the top eigenvalue was estimated: suspect negative curvature
+                raise InfluenceStoreError(
+                    "LiSSA diverged at step {step} (estimate norm {norm:.3g}) with scale auto ({scale:g}): the "
+                    "Hessian likely has negative curvature (LiSSA needs H + damping*scale positive definite) or "
+                    "batch Hessians above the estimate; add damping (e.g. {more_damping}) or set a larger scale "
+                    "(e.g. {larger_scale})", step=step, norm=float(norms.max()), scale=self.scale, larger=larger,
+                    damping=more, more_damping=f'options={{"damping": {more:.3g}}}',
+                    larger_scale=f'options={{"scale": {larger:g}}}')
             raise InfluenceStoreError(
                 "LiSSA diverged at step {step} (estimate norm {norm:.3g}); the Hessian's top eigenvalue exceeds "
                 "scale={scale:g}: use a larger scale (e.g. {larger_scale}) or {auto_scale}", step=step,

@@ -166,6 +166,16 @@ def test_divergence_is_an_error_that_suggests_a_larger_scale(logistic):
         approximator.inverse_hvp(v)
 
 
+def test_divergence_under_auto_scale_suggests_damping_not_auto_scale_again(logistic):
+    task, _, v = logistic
+    approximator = lissa(task, batch_size=len(task.train), damping=0.0, scale="auto", depth_iters=200)
+    approximator.scale /= 6  # as if the power iteration had underestimated the curvature
+    with pytest.raises(ist.InfluenceStoreError) as info:
+        approximator.inverse_hvp(v)
+    assert "with scale auto" in str(info.value) and "add damping" in str(info.value)
+    assert 'options={"scale": "auto"}' not in str(info.value)
+
+
 def test_divergence_stops_compute_scores_before_any_nan_score():
     task = breast_cancer_task(n_train=60)
     computation = ist.compute_scores(task, approximator="lissa", options={"scale": 0.01, "depth_iters": 100})
