@@ -210,6 +210,8 @@ def compare(store: Store, old: str, new: str, old_run: int | None = None, new_ru
     for version in (old, new):
         check_checkpoint(store, version)
     a, b = store.latest_done_run(old, old_run), store.latest_done_run(new, new_run)
+    if new_run is None and settings_differences(a, b):  # another finished run of new may match old's settings
+        b = next((r for r in reversed(store.runs(new, status="done")) if not settings_differences(a, r)), b)
     differ = settings_differences(a, b)
     if differ and not allow_different_settings:
         raise InfluenceStoreError(f"runs {a['id']} ({old}) and {b['id']} ({new}) differ in {'; '.join(differ)}, so "

@@ -219,6 +219,12 @@ def test_compare_refuses_different_settings_unless_asked_and_the_same_version(db
     assert allowed.exit_code == 0 and "options" in json.loads(allowed.stdout)["settings_differ"][0]
     ok(invoke("--db", db, "run", spec, "-a", "exact", "-o", "damping", "0.001", "--model-version", "v3", "--json"))
     assert json.loads(ok(invoke("--db", db, "compare", "v1", "v3", "--json")).stdout)["settings_differ"] == []
+    # v2 now has a run with v1's settings, then a newer one without: compare takes the matching one
+    matching = json.loads(ok(invoke("--db", db, "run", spec, "-a", "exact", "-o", "damping", "0.001",
+                                    "--model-version", "v2", "--json")).stdout)["run_id"]
+    ok(invoke("--db", db, "run", spec, "-a", "exact", "-o", "damping", "0.05", "--model-version", "v2", "--json"))
+    compared = json.loads(ok(invoke("--db", db, "compare", "v1", "v2", "--json")).stdout)
+    assert (compared["new_run"], compared["settings_differ"]) == (matching, [])
 
 
 def test_a_checkpoint_that_is_a_device_fails_instead_of_hanging(db):

@@ -47,7 +47,8 @@ def versions_list(db=None, fmt="table"):
 @click.argument("old")
 @click.argument("new")
 @click.option("--old-run", type=ID, default=None, help="Run of OLD to use (default: its newest finished run).")
-@click.option("--new-run", type=ID, default=None, help="Run of NEW to use (default: its newest finished run).")
+@click.option("--new-run", type=ID, default=None,
+              help="Run of NEW to use (default: its newest finished run with OLD's settings, else its newest).")
 @click.option("--top", default=10, show_default=True, type=int, callback=at_least_one,
               help="How many rank movers to list.")
 @click.option("--allow-different-settings", is_flag=True,
