@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from .errors import InfluenceStoreError
 from .schema import Dataset, Example, ModelVersion, Proposal, Run, ScoreBlock, Verification
-from .store_file import AS_STORE_LOCATION, check_sqlite_file, default_location, sqlite_path
+from .store_file import AS_STORE_LOCATION, check_ours, check_sqlite_file, default_location, sqlite_path
 
 MIGRATION_LOCK, CREATE_RUN_LOCK = 7_310_001, 7_310_002  # PostgreSQL advisory lock keys of influence-store
 _ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # every store's engine not yet freed
@@ -212,6 +212,8 @@ class StoreConnection:
             return
         known = {rev.revision for rev in _scripts().walk_revisions()}
         if current is not None and current not in known:
+            with self.engine.connect() as connection:  # another tool's Alembic database is not a newer store
+                check_ours(current, self.location, set(inspect(connection).get_table_names()))
             raise InfluenceStoreError(
                 f"store {self.location!r} has schema revision {current!r}, newer than this influence-store "
                 f"knows (head {head!r}); upgrade influence-store (pip install -U influence-store)")

@@ -10,6 +10,8 @@ import stat
 
 import pytest
 
+from influence_store.errors import InfluenceStoreError
+from influence_store.store import Store
 from stored import copy_store
 from test_hardening_cli import SPEC, invoke, ok, one_line_error, snapshot, sql
 
@@ -141,6 +143,8 @@ def test_another_tools_database_is_not_called_newer(foreign):
     for args in (["db", "status"], ["runs"], ["versions", "add", "x"], ["init"]):
         one_line_error(invoke("--db", other, *args), "is not an influence-store database", "'abc123'")
     one_line_error(invoke("--db", plain, "db", "status"), "is not an influence-store database")
+    with pytest.raises(InfluenceStoreError, match="is not an influence-store database"):
+        Store(str(other))  # the Python API too
     assert snapshot(other) == before
 
 
