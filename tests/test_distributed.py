@@ -159,7 +159,9 @@ def test_a_process_that_joined_and_is_interrupted_leaves_the_run_to_the_other(sp
 
     second.send_signal(signal.SIGINT)
     output = second.communicate(timeout=120)
-    assert second.returncode != 0, output
+    assert second.returncode == 1, output
+    assert output[1].strip().splitlines()[-1] == ("Error: interrupted; the chunks already stored are kept: the same "
+                                                  "command resumes the run"), output
     # Not "failed": the first process still works on it (or, on a slow machine, has finished it meanwhile).
     assert query(db, "SELECT status, error FROM runs WHERE id = 1") in ([("running", None)], [("done", None)])
 

@@ -169,6 +169,9 @@ def run(db, task_spec, settings, task_options, train_data, test_data, model_vers
     except UntrustedTaskError as exc:
         raise click.ClickException(f"{exc}: influence-store run {shlex.quote(exc.spec)} --resume {exc.run_id}") \
             from None
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted; the chunks already stored are kept: the same command resumes "
+                                   "the run") from None
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
