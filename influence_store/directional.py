@@ -57,6 +57,7 @@ class DirectionalDots:
         self.model = model
         self.checked = False
         self.fallback: str | None = None
+        self.diagnostics: dict | None = None  # the computation's: its "training_dots" says which way ran
 
     def __call__(self, vectors: Tensor, indices: Sequence[int]) -> Tensor:
         indices = list(indices)
@@ -119,3 +120,5 @@ class DirectionalDots:
     def _fall_back(self, why: str) -> None:
         self.fallback = why
         self.model.notes.append(f"training scores from per-example gradients: {why}")
+        if self.diagnostics is not None:
+            self.diagnostics["training_dots"] = "gradients"

@@ -325,6 +325,8 @@ def prepare_scores(task: Task, settings: RunSettings, *, tracked: list[str] | No
     computation = ScoreComputation(task, model, instance, record, chunk, progress=progress,
                                    train_losses=train_losses, test_losses=test_losses, self_influence_parts=parts,
                                    _plan=plan, _training_dots=training_dots)
+    if dots_path == "directional":
+        training_dots.diagnostics = computation.diagnostics
     computation.diagnostics.update(approximator=instance.diagnostics, grad_notes=model.notes, grad_path=model.grad_path,
                                    plan=plan.to_dict(), training_dots=dots_path,
                                    seconds_prepare=time.perf_counter() - started)

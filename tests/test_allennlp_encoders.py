@@ -62,10 +62,11 @@ def simple_influence(archive, sentences):
     return scores
 
 
-def ours(archive, sentences, model_mode="eval", seed=0):
+def ours(archive, sentences, model_mode="eval", seed=0, self_influence=True):
     task = load_task(f"allennlp:{archive}", {"train_data": sentences["train"], "test_data": sentences["test"]})
     computation = ist.compute_scores(task, "lissa", {"batch_size": N_TRAIN, "damping": 0.01, "scale": 20.0,
-                                                     "depth_iters": DEPTH}, model_mode=model_mode, seed=seed)
+                                                     "depth_iters": DEPTH}, model_mode=model_mode, seed=seed,
+                                     self_influence=self_influence)
     return computation.matrix(), computation, task
 
 
@@ -86,6 +87,16 @@ def test_encoder_matches_simple_influence(sentences, encoder):
     assert path["path"] == PATHS[encoder], path
     if encoder != "bag":  # the HVPs' forward passes run over whole batches, not instance by instance
         assert "vmap cannot trace" in path["why"] and task.loss.path == "batched"
+
+
+@pytest.mark.parametrize("encoder, dots", [("bag", "directional"), ("cnn", "directional"), ("lstm", "gradients")])
+def test_scores_only_runs_match_simple_influence_whichever_way_they_score(sentences, encoder, dots):
+    """A few test instances, scores only: forward mode where the encoder supports it (the LSTM's packed
+    sequences have no forward-mode rule, so it falls back to per-example gradients), the same scores."""
+    archive = archive_for(sentences, encoder)
+    mine, computation, _ = ours(archive, sentences, self_influence=False)
+    assert computation.diagnostics["training_dots"] == dots
+    assert_same_scores(mine, simple_influence(archive, sentences))
 
 
 def value_dropout(input, p=0.5, training=True, inplace=False):

@@ -76,6 +76,7 @@ def test_examples_that_interact_within_a_batch_fall_back_to_per_example_gradient
     assert scores_only.diagnostics["training_dots"] == "directional"
     torch.testing.assert_close(scores_only.matrix(), with_self.matrix(), rtol=1e-10, atol=1e-12)
     assert any("examples interact within a batch" in note for note in scores_only.model.notes)
+    assert scores_only.diagnostics["training_dots"] == "gradients"  # what ran
 
 
 def test_forward_mode_is_chosen_only_where_it_pays():
