@@ -244,3 +244,9 @@ def test_a_run_names_its_phases_with_elapsed_times(spec, tmp_path, monkeypatch):
     for phase in ("loading task", "preparing exact", "scoring 1 test chunks"):
         assert any(line.startswith(phase) and line.endswith(" s") for line in lines), result.stderr
     assert "stored" in result.stdout and "loading" not in result.stdout
+
+
+def test_runs_show_prints_mappings_as_json(db):
+    shown = ok(invoke("--db", db, "runs", "show", 1)).stdout
+    options = next(line for line in shown.splitlines() if line.strip().startswith("options:"))
+    assert json.loads(options.split(":", 1)[1])["damping"] == 0.001

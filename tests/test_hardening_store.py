@@ -128,6 +128,8 @@ def test_db_downgrade_moves_back_a_revision_and_upgrade_returns(db):
     assert result.exit_code == 0, result.output
     status = json.loads(invoke("--db", db, "db", "status", "--json").output)
     assert status["revision"] == "0001" and "proposals" not in status["rows"] and status["rows"]["runs"] == 1
+    as_csv = list(csv.DictReader(io.StringIO(invoke("--db", db, "db", "status", "--csv").output)))
+    assert {row["table"]: int(row["rows"]) for row in as_csv} == status["rows"]  # the table alone
     assert invoke("--db", db, "db", "downgrade", "0001", "--yes").exit_code == 0  # already there: no change
     assert invoke("--db", db, "db", "upgrade").exit_code == 0
     assert invoke("--db", db, "runs", "--json").output == runs_before

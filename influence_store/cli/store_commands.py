@@ -51,7 +51,8 @@ def db_status(db, fmt):
     if fmt == "json":
         emit(status, fmt)
         return
-    click.echo(f"store: {status['location']}\nschema: {status['revision']} (head {status['head']})")
+    if fmt != "csv":  # CSV is the table alone, for a spreadsheet or a script
+        click.echo(f"store: {status['location']}\nschema: {status['revision']} (head {status['head']})")
     emit([{"table": k, "rows": v} for k, v in status["rows"].items()], fmt, ["table", "rows"])
 
 
@@ -213,7 +214,7 @@ def runs_show(db, run_id, fmt):
         emit(info, fmt)
         return
     for key, value in info.items():
-        if key in ("settings", "diagnostics"):
+        if isinstance(value, (dict, list)):  # settings, diagnostics, options, ...: JSON, as --json prints them
             value = json.dumps(value, default=str)[:400]
         click.echo(f"{key:>20}: {value}")
 
