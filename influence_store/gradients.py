@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 from .errors import InfluenceStoreError
+from .pieces import by_rows, kept_sums_in_threads, threads_pay
 from .plan import WORK_SHARE, default_budget_mb
 from .task import Task
 from .train_mode import aligned, grouped_grads
@@ -326,9 +327,12 @@ class TrackedModel:
                 self._kept_graphs = (examples, {})
             kept = self._kept_graphs[1]
         self._whole_set_seen |= whole
+        starts = range(0, len(indices), examples)
+        if threads_pay(kept, starts, self.device):  # a solver's later products: one thread per batch (pieces.py)
+            return kept_sums_in_threads(kept, starts, vectors, rows).div_(len(indices)).add_(vectors, alpha=self.l2)
         total = torch.zeros_like(vectors)
         with self.eval_mode():  # examples outside, vectors inside: one graph per example batch
-            for start in range(0, len(indices), examples):
+            for start in starts:
                 part = indices[start:start + examples]
                 self._hvp_sum(vectors, lambda: self.batch("train", part), rows, total, kept, start)
         return total.div_(len(indices)).add_(vectors, alpha=self.l2)
@@ -373,7 +377,7 @@ class TrackedModel:
         (``key`` is this batch's), a fresh dict when they are not kept."""
         kept = {} if kept is None else kept
         try:
-            return _by_rows(self._kept_products(kept, key, make_batch), vectors, rows, into)
+            return by_rows(self._kept_products(kept, key, make_batch), vectors, rows, into)
         except InfluenceStoreError:
             raise
         except Exception as exc:  # an op without a batching rule
@@ -382,7 +386,7 @@ class TrackedModel:
             kept.clear()
             self.hvp_strategy = "double-backward"
             self.notes.append(f"HVPs by double backward: reverse-over-reverse failed ({_first_line(exc)})")
-            return _by_rows(self._kept_products(kept, key, make_batch), vectors, rows, into)
+            return by_rows(self._kept_products(kept, key, make_batch), vectors, rows, into)
 
     def _kept_products(self, kept: dict, key: int, make_batch):
         if key not in kept:
@@ -435,14 +439,6 @@ class TrackedModel:
 
     def num_batches(self, batch_size: int) -> int:
         return math.ceil(len(self.task.train) / batch_size)
-
-
-def _by_rows(products, vectors: Tensor, rows: int, into: Tensor) -> Tensor:
-    """``products`` of ``rows`` vectors at a time, added to ``into``. A missing batching rule fails on the
-    first piece, before anything is added, so the caller can fall back without counting a vector twice."""
-    for r in range(0, len(vectors), rows):
-        into[r:r + rows] += products(vectors[r:r + rows]).detach()
-    return into
 
 
 def _first_line(exc: Exception) -> str:

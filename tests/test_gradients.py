@@ -238,3 +238,36 @@ def test_attention_models_get_hvps_equal_to_the_autograd_hessian():
     hessian += task.l2 * torch.eye(len(hessian), dtype=torch.float64)
     vectors = torch.randn(3, len(hessian), dtype=torch.float64)
     torch.testing.assert_close(tracked.hvp(vectors), vectors @ hessian, rtol=1e-9, atol=1e-11)
+
+
+def test_kept_products_run_one_thread_per_batch_with_the_serial_bits(monkeypatch):
+    """A solver's later products run each example batch's kept graph on its own thread (one intra-op thread
+    each, restored after) and give exactly the serial loop's sums, which equal the autograd Hessian's."""
+    import threading
+
+    import influence_store.gradients as gradients
+    import influence_store.pieces as pieces
+
+    task = mlp_task(n_train=40)
+    tracked = TrackedModel(task, [n for n, _ in task.model.named_parameters()])
+    monkeypatch.setattr(gradients, "CPU_PIECE_BYTES", 20 * tracked.activation_floats() * 8)
+    monkeypatch.setattr(gradients, "CPU_PIECE_VECTORS", 2)  # 4 example batches
+    vectors = torch.randn(6, tracked.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    serial = [tracked.hvp(vectors), tracked.hvp(vectors)]  # the second keeps the graphs
+    assert serial[0].equal(serial[1])
+    workers, real = set(), pieces.by_rows
+
+    def spy(*args):
+        workers.add(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(pieces, "by_rows", spy)
+    threads = torch.get_num_threads()
+    threaded = tracked.hvp(vectors)
+    assert torch.get_num_threads() == threads
+    if threads > 1:
+        assert workers and threading.current_thread().name not in workers
+    assert threaded.equal(serial[1])
+    hessian = torch.autograd.functional.hessian(lambda t: flat_loss(task, t, list(range(40))), autograd_flat(task))
+    hessian += task.l2 * torch.eye(len(hessian), dtype=torch.float64)
+    torch.testing.assert_close(threaded, vectors @ hessian, rtol=1e-10, atol=1e-12)

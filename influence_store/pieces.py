@@ -1,0 +1,50 @@
+"""Adding an HVP's per-batch products into a result: serially, or over threads once a solver's graphs are kept.
+
+Whole-set HVPs on the CPU are bound by memory traffic through elementwise ops (adds, muls, ``tanh_backward``
+over examples x vectors x width). Once an iterative solver's graphs are kept, every example batch's products
+are independent, so one thread per batch, each with one intra-op thread, keeps each core on its own
+cache-sized piece instead of both cores meeting at every op (1.13-1.25x per 10-vector product on the
+100k-parameter MLP, three runs of a side-by-side script). The batches' sums are added in batch order, as the
+serial loop adds them.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def by_rows(products, vectors: Tensor, rows: int, into: Tensor) -> Tensor:
+    """``products`` of ``rows`` vectors at a time, added to ``into``. A missing batching rule fails on the
+    first piece, before anything is added, so the caller can fall back without counting a vector twice."""
+    for r in range(0, len(vectors), rows):
+        into[r:r + rows] += products(vectors[r:r + rows]).detach()
+    return into
+
+
+def threads_pay(kept: dict | None, starts: Sequence[int], device: torch.device) -> bool:
+    """Kept graphs for every batch, on the CPU, with more than one batch and more than one thread."""
+    return (kept is not None and device.type == "cpu" and len(starts) > 1 and torch.get_num_threads() > 1
+            and all(start in kept for start in starts))
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}  # by size, kept for the process: new threads would each start
+# their own OpenMP state on every call
+
+
+def kept_sums_in_threads(kept: dict, starts: Sequence[int], vectors: Tensor, rows: int) -> Tensor:
+    """The sum over the batches at ``starts`` of their kept products, one thread per batch at a time."""
+    threads = torch.get_num_threads()
+    pool = _POOLS.get(threads) or _POOLS.setdefault(threads, ThreadPoolExecutor(threads, "influence-store-hvp"))
+    torch.set_num_threads(1)
+    try:
+        parts = list(pool.map(lambda start: by_rows(kept[start], vectors, rows, torch.zeros_like(vectors)), starts))
+    finally:
+        torch.set_num_threads(threads)
+    total = torch.zeros_like(vectors)
+    for part in parts:
+        total += part
+    return total
