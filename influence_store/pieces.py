@@ -10,6 +10,7 @@ serial loop adds them.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -31,14 +32,16 @@ def threads_pay(kept: dict | None, starts: Sequence[int], device: torch.device) 
             and all(start in kept for start in starts))
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}  # by size, kept for the process: new threads would each start
-# their own OpenMP state on every call
+# by process and size, kept for the process (new threads would each start their own OpenMP state on every
+# call); by process, because a forked child has the dict but not the threads
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def kept_sums_in_threads(kept: dict, starts: Sequence[int], vectors: Tensor, rows: int) -> Tensor:
     """The sum over the batches at ``starts`` of their kept products, one thread per batch at a time."""
     threads = torch.get_num_threads()
-    pool = _POOLS.get(threads) or _POOLS.setdefault(threads, ThreadPoolExecutor(threads, "influence-store-hvp"))
+    key = (os.getpid(), threads)
+    pool = _POOLS.get(key) or _POOLS.setdefault(key, ThreadPoolExecutor(threads, "influence-store-hvp"))
     torch.set_num_threads(1)
     try:
         parts = list(pool.map(lambda start: by_rows(kept[start], vectors, rows, torch.zeros_like(vectors)), starts))

@@ -271,3 +271,21 @@ def test_kept_products_run_one_thread_per_batch_with_the_serial_bits(monkeypatch
     hessian = torch.autograd.functional.hessian(lambda t: flat_loss(task, t, list(range(40))), autograd_flat(task))
     hessian += task.l2 * torch.eye(len(hessian), dtype=torch.float64)
     torch.testing.assert_close(threaded, vectors @ hessian, rtol=1e-10, atol=1e-12)
+
+
+def _threaded_sum_of_doubled_and_tripled(vectors):
+    from influence_store.pieces import kept_sums_in_threads
+
+    return kept_sums_in_threads({0: lambda block: block * 2, 1: lambda block: block * 3}, [0, 1], vectors, 2)
+
+
+def test_a_forked_child_gets_its_own_hvp_threads():
+    """A child forked after the parent's threaded products (e.g. a worker process) must not wait on threads
+    that only the parent has."""
+    import multiprocessing
+
+    vectors = torch.randn(3, 10, dtype=torch.float64)
+    torch.testing.assert_close(_threaded_sum_of_doubled_and_tripled(vectors), vectors * 5)  # the parent's pool
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child = pool.apply_async(_threaded_sum_of_doubled_and_tripled, (vectors,)).get(timeout=60)
+    torch.testing.assert_close(child, vectors * 5)
