@@ -49,32 +49,28 @@ def directional_pays(model: TrackedModel, num_vectors: int) -> bool:
 
 class DirectionalDots:
     """``(vectors [k, p], train indices) -> vectors @ g_i`` [k, len(indices)] as float64, like an approximator's
-    ``training_dot_products``. Falls back to flat per-example gradients (noted in the model's notes) when
-    forward mode fails or the batched derivatives disagree with per-example gradients (examples that
-    interact within a batch)."""
+    ``training_dot_products``, or None once forward mode has failed or the batched derivatives disagreed
+    with per-example gradients (examples that interact within a batch): the caller then takes the flat
+    gradients' path, and the model's notes say why."""
 
     def __init__(self, model: TrackedModel) -> None:
         self.model = model
         self.checked = False
         self.fallback: str | None = None
-        self.diagnostics: dict | None = None  # the computation's: its "training_dots" says which way ran
 
-    def __call__(self, vectors: Tensor, indices: Sequence[int]) -> Tensor:
+    def __call__(self, vectors: Tensor, indices: Sequence[int]) -> Tensor | None:
+        if self.fallback is not None:
+            return None
         indices = list(indices)
-        if self.fallback is None:
-            try:
-                out = self._directional(vectors, indices)
-                self._check_finite(out, indices)
-                if not self.checked:
-                    self._check(vectors, indices, out)
-                if self.fallback is None:
-                    return out
-            except InfluenceStoreError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - an op without a forward-mode or batching rule
-                self._fall_back(f"forward mode failed ({str(exc).strip().splitlines()[0][:200] if str(exc) else exc})")
-        return torch.cat([(vectors.to(g.dtype) @ g.T).to(torch.float64).cpu()
-                          for _, g in self.model.grad_chunks("train", indices)], dim=1)
+        try:
+            out = self._directional(vectors, indices)
+            if not self.checked:
+                self._check(vectors, indices, out)
+        except InfluenceStoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an op without a forward-mode or batching rule
+            self._fall_back(f"forward mode failed ({str(exc).strip().splitlines()[0][:200] if str(exc) else exc})")
+        return out if self.fallback is None else None
 
     def _directional(self, vectors: Tensor, indices: list[int]) -> Tensor:
         model = self.model
@@ -109,16 +105,6 @@ class DirectionalDots:
             self._fall_back(f"directional derivatives disagreed with per-example gradients (relative error "
                             f"{error:.1e}: examples interact within a batch)")
 
-    def _check_finite(self, out: Tensor, indices: list[int]) -> None:
-        bad = (~torch.isfinite(out)).any(dim=0).nonzero()
-        if len(bad):
-            key = self.model.task.keys("train")[indices[int(bad[0])]]
-            raise InfluenceStoreError(
-                f"the gradient of train example {key!r} is not finite although its loss is (e.g. sqrt or log at "
-                f"0 inside the model); make the model differentiable there or leave the example out")
-
     def _fall_back(self, why: str) -> None:
         self.fallback = why
         self.model.notes.append(f"training scores from per-example gradients: {why}")
-        if self.diagnostics is not None:
-            self.diagnostics["training_dots"] = "gradients"

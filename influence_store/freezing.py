@@ -25,12 +25,17 @@ class FreezingPolicy:
         raise NotImplementedError
 
 
-def tracked_parameters(model, policy: str = "all", options: dict | None = None) -> list[str]:
-    """Apply a registered policy; an empty or unknown selection is an error."""
+def freezing_policy(policy: str = "all", options: dict | None = None) -> FreezingPolicy:
+    """The registered policy with its options parsed (an unknown policy or a bad option fails here)."""
     from .plugin_manager import lookup
 
     entry = lookup("register_freezing_policies", policy)
-    names = list(entry.cls(parse_options(entry.options_cls, options, f"freezing policy {policy!r}")).tracked(model))
+    return entry.cls(parse_options(entry.options_cls, options, f"freezing policy {policy!r}"))
+
+
+def tracked_parameters(model, policy: str = "all", options: dict | None = None) -> list[str]:
+    """Apply a registered policy; an empty or unknown selection is an error."""
+    names = list(freezing_policy(policy, options).tracked(model))
     known = dict(model.named_parameters())
     # a shared (tied) parameter is listed once, under its first name: another name of it means that one
     canonical = {id(p): n for n, p in known.items()}

@@ -3,9 +3,9 @@
 Whole-set HVPs on the CPU are bound by memory traffic through elementwise ops (adds, muls, ``tanh_backward``
 over examples x vectors x width). Once an iterative solver's graphs are kept, every example batch's products
 are independent, so one thread per batch, each with one intra-op thread, keeps each core on its own
-cache-sized piece instead of both cores meeting at every op (1.13-1.25x per 10-vector product on the
-100k-parameter MLP, three runs of a side-by-side script). The batches' sums are added in batch order, as the
-serial loop adds them.
+cache-sized piece instead of both cores meeting at every op (1.17-1.29x per 10-vector product on the
+100k-parameter MLP; docs/engine.md, "Curvature"). The batches' sums are added in batch order, as the serial
+loop adds them.
 """
 
 from __future__ import annotations

@@ -152,9 +152,13 @@ class ScoreComputation:
         _check_finite(g_test, self.model, "test", test_indices)
         ihvp = self._inverse_hvp(g_test)
         del g_test
-        if self._training_dots is not None:  # the approximator's own pass over the training set
+        dots = None if self._training_dots is None else self._training_dots(ihvp, range(self.n_train))
+        if dots is not None:  # the approximator's own pass over the training set, or forward mode's
             self.diagnostics["train_gradient_passes"] = self.diagnostics.get("train_gradient_passes", 0) + 1
-            return self._training_dots(ihvp, range(self.n_train)).cpu()
+            _check_finite(dots.T, self.model, "train", range(self.n_train))
+            return dots.cpu()
+        if self._training_dots is not None:  # forward mode fell back (directional.py)
+            self.diagnostics["training_dots"] = "gradients"
         out = torch.empty(len(test_indices), self.n_train, dtype=torch.float64)
         for idx, g in self.train_grads():
             out[:, idx[0]:idx[-1] + 1] = _dot(ihvp, g)
@@ -325,8 +329,6 @@ def prepare_scores(task: Task, settings: RunSettings, *, tracked: list[str] | No
     computation = ScoreComputation(task, model, instance, record, chunk, progress=progress,
                                    train_losses=train_losses, test_losses=test_losses, self_influence_parts=parts,
                                    _plan=plan, _training_dots=training_dots)
-    if dots_path == "directional":
-        training_dots.diagnostics = computation.diagnostics
     computation.diagnostics.update(approximator=instance.diagnostics, grad_notes=model.notes, grad_path=model.grad_path,
                                    plan=plan.to_dict(), training_dots=dots_path,
                                    seconds_prepare=time.perf_counter() - started)

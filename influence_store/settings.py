@@ -98,11 +98,10 @@ class RunSettings:
 
     def resolved(self) -> RunSettings:
         """With the approximator's options parsed and completed, as they are stored and fingerprinted."""
-        from .options import options_to_dict, parse_options
-        from .plugin_manager import lookup
+        from .freezing import freezing_policy
+        from .options import options_to_dict
 
-        entry = lookup("register_freezing_policies", self.freeze)  # a bad policy fails before the task loads
-        parse_options(entry.options_cls, self.freeze_options, f"freezing policy {self.freeze!r}")
+        freezing_policy(self.freeze, self.freeze_options)  # a bad policy fails before the task loads
         return replace(self, options=options_to_dict(self.approximator_plugin()[1]))
 
     def requested(self) -> dict[str, Any]:

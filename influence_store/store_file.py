@@ -104,25 +104,6 @@ def check_ours(current: str | None, location: str, tables: set[str] | None = Non
                                   location=location, current=current, with_db=AS_STORE_LOCATION)
 
 
-def check_not_foreign(location: str | None) -> None:
-    """Before a write opens an existing SQLite file: one that another tool's Alembic manages is refused as
-    not ours (the write path would otherwise call it newer). Anything unreadable is left to ``Store``."""
-    location = location or default_location()
-    path = sqlite_path(location)
-    try:
-        if path is None or not path.is_file():
-            return
-        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
-        try:
-            tables, current = _tables_and_revision(connection)
-        finally:
-            connection.close()
-    except (OSError, sqlite3.Error):
-        return
-    if current is not None:
-        check_ours(current, location, tables)
-
-
 def _tables_and_revision(connection: sqlite3.Connection) -> tuple[set[str], str | None]:
     tables = {r[0] for r in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     current = (connection.execute("SELECT version_num FROM alembic_version").fetchone() or [None])[0] \

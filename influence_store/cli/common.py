@@ -34,10 +34,9 @@ def open_store(db, *, write: bool = False, create: bool = False):
     """The store for a command. Reads never create or migrate a store (they say there is none, or that it
     needs `db upgrade`); writes upgrade it; only ``create=True`` commands (init, run, ...) make a new one."""
     from ..store import Store
-    from ..store_file import check_not_foreign, check_revision, connect_for_reading, sqlite_path
+    from ..store_file import check_revision, connect_for_reading, sqlite_path
 
     if write or create:
-        check_not_foreign(db)
         return Store(db, create=create)
     if sqlite_path(db) is not None:
         connect_for_reading(db).close()
