@@ -25,12 +25,13 @@ from torch.utils._pytree import tree_map
 
 from .errors import InfluenceStoreError
 from .pieces import by_rows, kept_sums_in_threads, threads_pay
-from .plan import WORK_SHARE, default_budget_mb
+from .plan import WORK_SHARE, activation_sizes, default_budget_mb
 from .task import Task
 from .train_mode import aligned, grouped_grads
 
 CPU_PIECE_BYTES = 32 * 2**20  # an HVP piece's (example, vector) tensors on the CPU: about a cache's worth
 CPU_PIECE_VECTORS = 8  # the example batches leave room for this many vectors per piece
+CPU_WIDEST_BYTES = 4 * 2**20  # with the set in several batches (a thread each): a piece's widest tensor
 
 
 @contextlib.contextmanager
@@ -80,7 +81,7 @@ class TrackedModel:
         self.memory_budget_mb = float(memory_budget_mb) if memory_budget_mb is not None else default_budget_mb(
             self.device)
         self.memory_budget = int(self.memory_budget_mb * 2**20)
-        self._activation_floats: int | None = None
+        self._activations: tuple[int, int] | None = None  # (all, widest) floats per example in a graph
         self._module = _LossModule(task.model, task.loss)
         # Every other tensor of the model, moved and cast once: the model object stays untouched.
         self._fixed = {f"model.{n}": self._cast(p.detach()) for n, p in task.model.named_parameters()
@@ -96,6 +97,7 @@ class TrackedModel:
         self.grad_path: dict[str, str] = {"path": "vmap", "why": "torch.func traces the model"}
         self.hvp_strategy = "reverse-over-reverse"  # torch.func; "double-backward" where it cannot trace
         self._whole_set_seen = False  # a whole-set product was made: the next one means an iterative solver
+        self._strategy_settled = False  # a product has worked: the HVP strategy is settled for the model
         self._kept_graphs: tuple[int, dict] | None = None  # (examples per batch, products by batch start)
         self.notes: list[str] = []
 
@@ -148,31 +150,15 @@ class TrackedModel:
         return torch.finfo(self.dtype).bits // 8
 
     def activation_floats(self) -> int:
-        """Floats one training example adds to an autograd graph (measured once, by saved-tensor hooks).
+        """Floats one training example adds to an autograd graph (measured once: ``plan.activation_sizes``)."""
+        self._activations = self._activations or activation_sizes(self)
+        return self._activations[0]
 
-        The difference between a 3-example and a 1-example forward pass, halved, so tensors that do not
-        grow with the batch (the parameters themselves) cancel out."""
-        if self._activation_floats is None:
-            n = len(self.task.train)
-            try:
-                small = self._saved_floats([0])
-                self._activation_floats = max(1, (self._saved_floats([0, 1, 2]) - small) // 2 if n >= 3 else small)
-            except Exception:  # the real pass reports real errors; here fall back to a rough guess
-                self._activation_floats = self.num_params // 8 + 64
-        return self._activation_floats
-
-    def _saved_floats(self, indices: list[int]) -> int:
-        total = 0
-
-        def pack(t: Tensor) -> Tensor:
-            nonlocal total
-            total += t.numel()
-            return t
-
-        flat = self.flat.detach().requires_grad_(True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self.eval_mode():
-            self._losses(flat, self.batch("train", indices)).sum()
-        return total
+    def widest_floats(self) -> int:
+        """Floats one example adds to the widest single tensor of its graph (a wide layer's output): the
+        elementwise ops of an HVP stream through tensors of this width."""
+        self._activations = self._activations or activation_sizes(self)
+        return self._activations[1]
 
     def batch(self, split: str, indices: Sequence[int]) -> Any:
         return self._prepare(self.task.batch(split, indices))
@@ -311,9 +297,10 @@ class TrackedModel:
         """``(H_batch + l2 I) v`` for each row v of ``vectors`` [k, p]; H_batch is the mean-loss
         Hessian over the training examples at ``indices`` (all of them when None).
 
-        A second product over the whole training set means an iterative solver (CG, refinement): from
-        then on the graphs of the whole set are kept, when they fit the budget, and only the second
-        backward pass runs per call (about a quarter less work per product)."""
+        A whole-set product whose graphs fit the budget builds them all first (in this thread: the forward
+        pass reparametrizes the model) and then applies them one thread per batch (pieces.py). A second
+        such product means an iterative solver (CG, refinement): from then on the graphs are kept, and only
+        the second backward pass runs per call (about a quarter less work per product)."""
         vectors = vectors.to(self.device, self.dtype)
         whole = indices is None
         if whole:
@@ -321,20 +308,26 @@ class TrackedModel:
         else:
             indices = indices.tolist() if isinstance(indices, Tensor) else [int(i) for i in indices]
         rows, examples = self.hvp_chunks(len(vectors), len(indices))
-        kept = None
-        if whole and self._whole_set_seen and self._graphs_fit():
-            if self._kept_graphs is None or self._kept_graphs[0] != examples:
+        graphs = None
+        if whole and self._graphs_fit():
+            if self._whole_set_seen and (self._kept_graphs is None or self._kept_graphs[0] != examples):
                 self._kept_graphs = (examples, {})
-            kept = self._kept_graphs[1]
+            graphs = self._kept_graphs[1] if self._whole_set_seen else {}  # kept, or this call's only
         self._whole_set_seen |= whole
-        starts = range(0, len(indices), examples)
-        if threads_pay(kept, starts, self.device):  # a solver's later products: one thread per batch (pieces.py)
-            return kept_sums_in_threads(kept, starts, vectors, rows).div_(len(indices)).add_(vectors, alpha=self.l2)
+        starts = list(range(0, len(indices), examples))
         total = torch.zeros_like(vectors)
         with self.eval_mode():  # examples outside, vectors inside: one graph per example batch
-            for start in starts:
-                part = indices[start:start + examples]
-                self._hvp_sum(vectors, lambda: self.batch("train", part), rows, total, kept, start)
+            if threads_pay(graphs, starts, self.device):
+                if not self._strategy_settled:  # one vector through the first graph settles the strategy
+                    self._hvp_sum(vectors[:1], lambda: self.batch("train", indices[:examples]), 1,
+                                  torch.zeros_like(vectors[:1]), graphs, 0)
+                for start in starts:
+                    self._kept_products(graphs, start, lambda: self.batch("train", indices[start:start + examples]))
+                kept_sums_in_threads(graphs, starts, vectors, rows, into=total)
+            else:
+                for start in starts:
+                    part = indices[start:start + examples]
+                    self._hvp_sum(vectors, lambda: self.batch("train", part), rows, total, graphs, start)
         return total.div_(len(indices)).add_(vectors, alpha=self.l2)
 
     def hvp_chunks(self, num_vectors: int, num_examples: int) -> tuple[int, int]:
@@ -358,6 +351,8 @@ class TrackedModel:
         rows = min(rows, self.chunk_size(3 * examples * act, cap=max(1, num_vectors)))
         if pairs:
             rows = min(rows, max(1, pairs // examples))
+            if examples < num_examples:  # a piece per thread: its widest tensor near the core's own cache
+                rows = min(rows, max(1, CPU_WIDEST_BYTES // (examples * self.widest_floats() * self.itemsize)))
         rows = math.ceil(num_vectors / math.ceil(num_vectors / rows)) if num_vectors else rows  # equal blocks
         return rows, examples
 
@@ -377,7 +372,9 @@ class TrackedModel:
         (``key`` is this batch's), a fresh dict when they are not kept."""
         kept = {} if kept is None else kept
         try:
-            return by_rows(self._kept_products(kept, key, make_batch), vectors, rows, into)
+            by_rows(self._kept_products(kept, key, make_batch), vectors, rows, into)
+            self._strategy_settled = True
+            return into
         except InfluenceStoreError:
             raise
         except Exception as exc:  # an op without a batching rule
@@ -386,7 +383,9 @@ class TrackedModel:
             kept.clear()
             self.hvp_strategy = "double-backward"
             self.notes.append(f"HVPs by double backward: reverse-over-reverse failed ({_first_line(exc)})")
-            return by_rows(self._kept_products(kept, key, make_batch), vectors, rows, into)
+            by_rows(self._kept_products(kept, key, make_batch), vectors, rows, into)
+            self._strategy_settled = True
+            return into
 
     def _kept_products(self, kept: dict, key: int, make_batch):
         if key not in kept:

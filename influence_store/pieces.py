@@ -26,10 +26,10 @@ def by_rows(products, vectors: Tensor, rows: int, into: Tensor) -> Tensor:
     return into
 
 
-def threads_pay(kept: dict | None, starts: Sequence[int], device: torch.device) -> bool:
-    """Kept graphs for every batch, on the CPU, with more than one batch and more than one thread."""
-    return (kept is not None and device.type == "cpu" and len(starts) > 1 and torch.get_num_threads() > 1
-            and all(start in kept for start in starts))
+def threads_pay(graphs: dict | None, starts: Sequence[int], device: torch.device) -> bool:
+    """Graphs built for every batch first (a whole-set product), on the CPU, with more than one batch and
+    more than one thread."""
+    return graphs is not None and device.type == "cpu" and len(starts) > 1 and torch.get_num_threads() > 1
 
 
 # by process and size, kept for the process (new threads would each start their own OpenMP state on every
@@ -37,8 +37,9 @@ def threads_pay(kept: dict | None, starts: Sequence[int], device: torch.device) 
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
-def kept_sums_in_threads(kept: dict, starts: Sequence[int], vectors: Tensor, rows: int) -> Tensor:
-    """The sum over the batches at ``starts`` of their kept products, one thread per batch at a time."""
+def kept_sums_in_threads(kept: dict, starts: Sequence[int], vectors: Tensor, rows: int, into: Tensor) -> Tensor:
+    """The batches at ``starts`` applied to ``vectors`` from their built graphs, one thread per batch at a time,
+    and added to ``into`` in batch order (as the serial loop adds them)."""
     threads = torch.get_num_threads()
     key = (os.getpid(), threads)
     pool = _POOLS.get(key) or _POOLS.setdefault(key, ThreadPoolExecutor(threads, "influence-store-hvp"))
@@ -47,7 +48,6 @@ def kept_sums_in_threads(kept: dict, starts: Sequence[int], vectors: Tensor, row
         parts = list(pool.map(lambda start: by_rows(kept[start], vectors, rows, torch.zeros_like(vectors)), starts))
     finally:
         torch.set_num_threads(threads)
-    total = torch.zeros_like(vectors)
     for part in parts:
-        total += part
-    return total
+        into += part
+    return into

@@ -134,6 +134,26 @@ def test_vectors_are_split_into_equal_blocks(monkeypatch):
     assert tracked.hvp_chunks(9, 40) == (3, 10)  # 3 + 3 + 3, not 4 + 4 + 1
 
 
+def test_pieces_of_a_split_set_keep_their_widest_tensor_near_a_core_cache(monkeypatch):
+    """An HVP's elementwise ops stream through the widest layer's output: with the training set in several
+    batches (a thread each) a piece takes few enough vectors that this tensor stays under CPU_WIDEST_BYTES.
+    A set in one batch keeps its pieces."""
+    import influence_store.gradients as gradients
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3)).double()
+    x, y = torch.randn(44, 4, dtype=torch.float64), torch.randint(0, 3, (44,))
+    task = ist.Task(model, ce_loss, TensorDataset(x[:40], y[:40]), TensorDataset(x[40:], y[40:]))
+    tracked = TrackedModel(task, [n for n, _ in model.named_parameters()])
+    assert tracked.widest_floats() == 64 < tracked.activation_floats()
+    monkeypatch.setattr(gradients, "CPU_PIECE_BYTES", 40 * tracked.activation_floats() * 8)
+    monkeypatch.setattr(gradients, "CPU_PIECE_VECTORS", 4)  # room for 4 vectors by 10 examples
+    assert tracked.hvp_chunks(8, 40) == (4, 10)
+    monkeypatch.setattr(gradients, "CPU_WIDEST_BYTES", 2 * 10 * 64 * 8)  # two vectors' worth of 10 examples
+    assert tracked.hvp_chunks(8, 40) == (2, 10)
+    assert tracked.hvp_chunks(8, 10)[0] == 4  # one batch: no thread per batch, no cap
+
+
 def per_example_autograd_loop(task, split):
     x, y = getattr(task, split).tensors
     rows = []
@@ -240,43 +260,94 @@ def test_attention_models_get_hvps_equal_to_the_autograd_hessian():
     torch.testing.assert_close(tracked.hvp(vectors), vectors @ hessian, rtol=1e-9, atol=1e-11)
 
 
-def test_kept_products_run_one_thread_per_batch_with_the_serial_bits(monkeypatch):
-    """A solver's later products run each example batch's kept graph on its own thread (one intra-op thread
-    each, restored after) and give exactly the serial loop's sums, which equal the autograd Hessian's."""
+def test_whole_set_products_run_one_thread_per_batch_with_the_serial_bits(monkeypatch):
+    """Whole-set products build every example batch's graph, then run them one per thread (one intra-op thread
+    each, restored after): the first product too, once one vector has settled the strategy, and a
+    solver's later ones from kept graphs. Each gives exactly the one-thread serial loop's sums, which equal
+    the autograd Hessian's."""
     import threading
 
     import influence_store.gradients as gradients
     import influence_store.pieces as pieces
 
     task = mlp_task(n_train=40)
-    tracked = TrackedModel(task, [n for n, _ in task.model.named_parameters()])
+    names = [n for n, _ in task.model.named_parameters()]
+    tracked = TrackedModel(task, names)
     monkeypatch.setattr(gradients, "CPU_PIECE_BYTES", 20 * tracked.activation_floats() * 8)
     monkeypatch.setattr(gradients, "CPU_PIECE_VECTORS", 2)  # 4 example batches
     vectors = torch.randn(6, tracked.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    serial = [tracked.hvp(vectors), tracked.hvp(vectors)]  # the second keeps the graphs
-    assert serial[0].equal(serial[1])
-    workers, real = set(), pieces.by_rows
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # no threads pay: the serial loop
+    try:
+        serial = TrackedModel(task, names).hvp(vectors)
+    finally:
+        torch.set_num_threads(threads)
+    workers, real = [], pieces.by_rows
 
     def spy(*args):
-        workers.add(threading.current_thread().name)
+        workers.append(threading.current_thread().name)
         return real(*args)
 
     monkeypatch.setattr(pieces, "by_rows", spy)
-    threads = torch.get_num_threads()
-    threaded = tracked.hvp(vectors)
-    assert torch.get_num_threads() == threads
-    if threads > 1:
-        assert workers and threading.current_thread().name not in workers
-    assert threaded.equal(serial[1])
+    torch.set_num_threads(2)
+    try:
+        first = tracked.hvp(vectors)
+        first_workers, workers[:] = list(workers), []
+        kept = tracked.hvp(vectors)  # the second keeps the graphs
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert len(first_workers) == 4 and threading.current_thread().name not in first_workers
+    assert len(workers) == 4 and threading.current_thread().name not in workers
+    assert first.equal(serial) and kept.equal(serial)
     hessian = torch.autograd.functional.hessian(lambda t: flat_loss(task, t, list(range(40))), autograd_flat(task))
     hessian += task.l2 * torch.eye(len(hessian), dtype=torch.float64)
-    torch.testing.assert_close(threaded, vectors @ hessian, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(kept, vectors @ hessian, rtol=1e-10, atol=1e-12)
+
+
+class _OldStyleTanh(torch.autograd.Function):
+    """tanh as an autograd.Function without ``setup_context``: torch.func cannot transform it, plain autograd
+    differentiates it twice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_tensors
+        return grad_output * (1 - torch.tanh(x) ** 2)
+
+
+def test_first_threaded_product_falls_back_to_double_backward_where_torch_func_fails(monkeypatch):
+    """The first whole-set product settles the HVP strategy on one vector before its batches go to threads:
+    a model torch.func cannot transform gets double backward for every batch and the autograd Hessian."""
+    import influence_store.gradients as gradients
+
+    task = mlp_task(n_train=40)
+    task.model.forward = lambda x: task.model.out(_OldStyleTanh.apply(task.model.hidden(x)))
+    tracked = TrackedModel(task, [n for n, _ in task.model.named_parameters()])
+    monkeypatch.setattr(gradients, "CPU_PIECE_BYTES", 20 * tracked.activation_floats() * 8)
+    monkeypatch.setattr(gradients, "CPU_PIECE_VECTORS", 2)  # 4 example batches
+    vectors = torch.randn(6, tracked.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    hessian = torch.autograd.functional.hessian(lambda t: flat_loss(task, t, list(range(40))), autograd_flat(task))
+    hessian += task.l2 * torch.eye(len(hessian), dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        product = tracked.hvp(vectors)
+    finally:
+        torch.set_num_threads(threads)
+    assert tracked.hvp_strategy == "double-backward" and "reverse-over-reverse failed" in tracked.notes[-1]
+    torch.testing.assert_close(product, vectors @ hessian, rtol=1e-10, atol=1e-12)
 
 
 def _threaded_sum_of_doubled_and_tripled(vectors):
     from influence_store.pieces import kept_sums_in_threads
 
-    return kept_sums_in_threads({0: lambda block: block * 2, 1: lambda block: block * 3}, [0, 1], vectors, 2)
+    return kept_sums_in_threads({0: lambda block: block * 2, 1: lambda block: block * 3}, [0, 1], vectors, 2,
+                                into=torch.zeros_like(vectors))
 
 
 def test_a_forked_child_gets_its_own_hvp_threads():

@@ -83,13 +83,13 @@ class ConjugateGradient(Approximator):
             iterations += 1
             ap = self._apply(p)
             self.diagnostics["hvps"] += len(cols)
-            curvature = (p * ap).sum(1)
+            curvature = torch.einsum("ij,ij->i", p, ap)  # row dot products without a [k, p] temporary
             if (curvature <= 0).any():
                 self._negative_curvature(curvature, p, iterations)
             alpha = (rr / curvature)[:, None]
-            x += alpha * p
-            r -= alpha * ap
-            rr_new = (r * r).sum(1)
+            x.addcmul_(alpha, p)
+            r.addcmul_(alpha, ap, value=-1)
+            rr_new = torch.einsum("ij,ij->i", r, r)
             p.mul_((rr_new / rr)[:, None]).add_(r)
             rr = rr_new
             done = rr.sqrt() <= limit[cols]
@@ -103,7 +103,7 @@ class ConjugateGradient(Approximator):
         """``(H + damping I) p`` in float64 (the HVP itself runs in the model's dtype)."""
         import torch
 
-        return self.model.hvp(p).to(torch.float64) + self.options.damping * p
+        return self.model.hvp(p).to(torch.float64).add_(p, alpha=self.options.damping)
 
     def _record(self, b: Tensor, x: Tensor, b_norm: Tensor, iterations: int) -> None:
         # The recursive residual drifts from the true one in finite precision: report the true one.

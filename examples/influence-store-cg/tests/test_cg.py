@@ -76,7 +76,7 @@ def test_diagnostics_record_iterations_and_true_residuals():
     x = cg.inverse_hvp(b)
     (solve,) = cg.diagnostics["solves"]
     residual = float(((b - x @ a).norm(dim=1) / b.norm(dim=1)).max())
-    assert 1 <= solve["iterations"] <= 25 + 5 and cg.diagnostics["calls"] == 1
+    assert 1 <= solve["iterations"] <= 2 * 25 and cg.diagnostics["calls"] == 1  # p, and a few for rounding
     assert solve["iterations"] <= cg.diagnostics["hvps"] <= 6 * solve["iterations"]
     assert solve["max_relative_residual"] == pytest.approx(residual, rel=1e-6)
     assert cg.diagnostics["max_relative_residual"] <= 1e-7
