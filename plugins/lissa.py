@@ -194,8 +194,8 @@ class LiSSA(Approximator):
         import torch
 
         h = self.model.hvp(h, batch).mul_(-1 / self.scale).add_(h, alpha=1 - self.options.damping).add_(v)
-        traced = step <= 10 or step % max(1, limit // 100) == 0
-        if not (traced or step % 10 == 0 or step == limit):
+        traced = step <= 10 or step % max(10, limit // 100) == 0 or step == limit
+        if not (traced or step % 10 == 0):
             return h
         norms = h.norm(dim=1)
         # Every iterate of a convergent recursion has norm <= (step + 1) |v|; far above that it diverges.
