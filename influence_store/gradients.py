@@ -308,16 +308,17 @@ class TrackedModel:
         else:
             indices = indices.tolist() if isinstance(indices, Tensor) else [int(i) for i in indices]
         rows, examples = self.hvp_chunks(len(vectors), len(indices))
-        graphs = None
-        if whole and self._graphs_fit():
-            if self._whole_set_seen and (self._kept_graphs is None or self._kept_graphs[0] != examples):
+        fit, kept = whole and self._graphs_fit(), None
+        if fit and self._whole_set_seen:
+            if self._kept_graphs is None or self._kept_graphs[0] != examples:
                 self._kept_graphs = (examples, {})
-            graphs = self._kept_graphs[1] if self._whole_set_seen else {}  # kept, or this call's only
+            kept = self._kept_graphs[1]
         self._whole_set_seen |= whole
         starts = list(range(0, len(indices), examples))
         total = torch.zeros_like(vectors)
         with self.eval_mode():  # examples outside, vectors inside: one graph per example batch
-            if threads_pay(graphs, starts, self.device):
+            if fit and threads_pay(starts, self.device):
+                graphs = {} if kept is None else kept  # this call's only, or kept for the solver's next calls
                 if not self._strategy_settled:  # one vector through the first graph settles the strategy
                     self._hvp_sum(vectors[:1], lambda: self.batch("train", indices[:examples]), 1,
                                   torch.zeros_like(vectors[:1]), graphs, 0)
@@ -327,7 +328,7 @@ class TrackedModel:
             else:
                 for start in starts:
                     part = indices[start:start + examples]
-                    self._hvp_sum(vectors, lambda: self.batch("train", part), rows, total, graphs, start)
+                    self._hvp_sum(vectors, lambda: self.batch("train", part), rows, total, kept, start)
         return total.div_(len(indices)).add_(vectors, alpha=self.l2)
 
     def hvp_chunks(self, num_vectors: int, num_examples: int) -> tuple[int, int]:
@@ -336,7 +337,8 @@ class TrackedModel:
 
         On the CPU a piece is also kept near ``CPU_PIECE_BYTES`` of those pairs' tensors: the products are
         bound by memory traffic, and a piece whose tensors stay in cache runs about twice as fast as one
-        that streams through RAM (docs/engine.md, "Curvature"). There the example batches do not depend
+        that streams through RAM (docs/engine.md, "Curvature"); with the set in several batches (a thread
+        each) its widest tensor also stays under ``CPU_WIDEST_BYTES``. The example batches do not depend
         on the number of vectors, so a solver's kept graphs serve all its calls. The sizes depend only on
         the model and the counts, so a block's products are the same bits in any process."""
         act = self.activation_floats()

@@ -1,12 +1,11 @@
-"""Adding an HVP's per-batch products into a result: serially, or over threads once a solver's graphs are kept.
+"""Adding an HVP's per-batch products into a result: serially, or one thread per example batch.
 
 Whole-set HVPs on the CPU are bound by memory traffic through elementwise ops (adds, muls, ``tanh_backward``
-over examples x vectors x width). Once an iterative solver's graphs are kept, every example batch's products
-are independent, so one thread per batch, each with one intra-op thread, keeps each core on its own
-cache-sized piece instead of both cores meeting at every op (1.17-1.29x per 10-vector product on the
-100k-parameter MLP; docs/engine.md, "Curvature"). The batches' sums are added in batch order, as the serial
-loop adds them.
-"""
+over examples x vectors x width). Once every example batch's graph is built (a whole-set product builds them
+all first, and an iterative solver keeps them), the batches' products are independent, so one thread per
+batch, each with one intra-op thread, keeps each core on its own cache-sized piece instead of both cores
+meeting at every op (1.17-1.29x per 10-vector product on the 100k-parameter MLP; docs/engine.md,
+"Curvature"). The batches' sums are added in batch order, as the serial loop adds them."""
 
 from __future__ import annotations
 
@@ -26,10 +25,10 @@ def by_rows(products, vectors: Tensor, rows: int, into: Tensor) -> Tensor:
     return into
 
 
-def threads_pay(graphs: dict | None, starts: Sequence[int], device: torch.device) -> bool:
-    """Graphs built for every batch first (a whole-set product), on the CPU, with more than one batch and
-    more than one thread."""
-    return graphs is not None and device.type == "cpu" and len(starts) > 1 and torch.get_num_threads() > 1
+def threads_pay(starts: Sequence[int], device: torch.device) -> bool:
+    """On the CPU, with more than one example batch and more than one thread (the caller has every batch's
+    graph built first)."""
+    return device.type == "cpu" and len(starts) > 1 and torch.get_num_threads() > 1
 
 
 # by process and size, kept for the process (new threads would each start their own OpenMP state on every
