@@ -58,6 +58,23 @@ def test_scores_only_runs_use_forward_mode_and_give_the_same_scores():
     torch.testing.assert_close(scores_only.self_influence(), with_self.self_influence(), rtol=1e-10, atol=1e-12)
 
 
+def test_examples_the_model_is_sure_of_keep_forward_mode():
+    """Forward mode loses the dots of examples whose softmax probabilities vanish beside 1 (here about 1e-15
+    against dots near 1e-1); the check judges that against the batch's dots, so the run keeps forward mode
+    and its scores equal the gradients'."""
+    torch.manual_seed(0)
+    task = task_of(torch.nn.Linear(6, 3).double())
+    x, y = task.train.tensors
+    x[:2] *= 80.0  # the first two (the checked ones): probabilities 1e-17 and below beside 1
+    with torch.no_grad():
+        y[:2] = task.model(x[:2]).argmax(1)
+    with_self = ist.compute_scores(task, "exact", self_influence=True)
+    scores_only = ist.compute_scores(task, "exact", self_influence=False)
+    matrix = scores_only.matrix()
+    assert scores_only.diagnostics["training_dots"] == "directional" and scores_only.model.notes == []
+    torch.testing.assert_close(matrix, with_self.matrix(), rtol=0, atol=1e-10 * float(matrix.abs().max()))
+
+
 class BatchCentered(torch.nn.Module):
     """Centres its inputs by half the batch mean: a batch's losses differ from its examples' own."""
 
