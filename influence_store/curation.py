@@ -375,7 +375,7 @@ def evaluate(task, model) -> tuple[float, float | None]:
     """Mean test loss (and accuracy when the task defines it) of a model."""
     import torch
 
-    from .gradients import model_in_mode
+    from .train_mode import model_in_mode
 
     losses, correct = [], []
     with torch.no_grad(), model_in_mode(model, training=False):

@@ -71,13 +71,11 @@ def run_in_worker(run: Callable, url: str, spec: str, settings, run_options: dic
     the parallelism)."""
     import torch
 
-    from .pieces import subnormals_flushed
     from .store import Store
 
     torch.set_num_threads(1)
     store = Store(url)
     try:
-        with subnormals_flushed():  # as the CLI's own runs compute
-            return run(store, spec, settings, **run_options).to_dict()
+        return run(store, spec, settings, **run_options).to_dict()
     finally:
         store.engine.dispose()

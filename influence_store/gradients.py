@@ -14,7 +14,9 @@ holds is measured once (saved-tensor hooks), not guessed from the parameter coun
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import sys
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -27,22 +29,11 @@ from .errors import InfluenceStoreError
 from .pieces import by_rows, kept_sums_in_threads, threads_pay
 from .plan import WORK_SHARE, activation_sizes, default_budget_mb
 from .task import Task
-from .train_mode import aligned, grouped_grads
+from .train_mode import aligned, grouped_grads, model_in_mode
 
 CPU_PIECE_BYTES = 32 * 2**20  # an HVP piece's (example, vector) tensors on the CPU: about a cache's worth
 CPU_PIECE_VECTORS = 8  # the example batches leave room for this many vectors per piece
 CPU_WIDEST_BYTES = 4 * 2**20  # with the set in several batches (a thread each): a piece's widest tensor
-
-
-@contextlib.contextmanager
-def model_in_mode(model: torch.nn.Module, training: bool) -> Iterator[None]:
-    """``model`` in train (dropout on) or eval mode for the duration, restoring the caller's mode afterwards."""
-    was_training = model.training
-    model.train(training)
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 class _LossModule(torch.nn.Module):
@@ -81,7 +72,6 @@ class TrackedModel:
         self.memory_budget_mb = float(memory_budget_mb) if memory_budget_mb is not None else default_budget_mb(
             self.device)
         self.memory_budget = int(self.memory_budget_mb * 2**20)
-        self._activations: tuple[int, int] | None = None  # (all, widest) floats per example in a graph
         self._module = _LossModule(task.model, task.loss)
         # Every other tensor of the model, moved and cast once: the model object stays untouched.
         self._fixed = {f"model.{n}": self._cast(p.detach()) for n, p in task.model.named_parameters()
@@ -151,14 +141,29 @@ class TrackedModel:
 
     def activation_floats(self) -> int:
         """Floats one training example adds to an autograd graph (measured once: ``plan.activation_sizes``)."""
-        self._activations = self._activations or activation_sizes(self)
         return self._activations[0]
 
     def widest_floats(self) -> int:
         """Floats one example adds to the widest single tensor of its graph (a wide layer's output): the
         elementwise ops of an HVP stream through tensors of this width."""
-        self._activations = self._activations or activation_sizes(self)
         return self._activations[1]
+
+    @functools.cached_property
+    def _activations(self) -> tuple[int, int]:
+        return activation_sizes(self._saved_sizes, len(self.task.train), guess=self.num_params // 8 + 64)
+
+    def _saved_sizes(self, indices: list[int]) -> list[int]:
+        """The sizes of the tensors a forward pass over these training examples saves for backward, in order."""
+        sizes: list[int] = []
+
+        def pack(t: Tensor) -> Tensor:
+            sizes.append(t.numel())
+            return t
+
+        flat = self.flat.detach().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self.eval_mode():
+            self._losses(flat, self.batch("train", indices)).sum()
+        return sizes
 
     def batch(self, split: str, indices: Sequence[int]) -> Any:
         return self._prepare(self.task.batch(split, indices))
@@ -246,8 +251,6 @@ class TrackedModel:
         word = {"loop": "used a per-example loop", "hooks": "used per-sample hooks on the layers"}[path]
         self.notes.append(f"{why}; {word}")
         if self.verbose:
-            import sys
-
             print(f"per-example gradients: {why}; {word}", file=sys.stderr)
 
     def _vmap_grads(self, batch: Any) -> Tensor:
@@ -375,8 +378,6 @@ class TrackedModel:
         kept = {} if kept is None else kept
         try:
             by_rows(self._kept_products(kept, key, make_batch), vectors, rows, into)
-            self._strategy_settled = True
-            return into
         except InfluenceStoreError:
             raise
         except Exception as exc:  # an op without a batching rule
@@ -386,8 +387,8 @@ class TrackedModel:
             self.hvp_strategy = "double-backward"
             self.notes.append(f"HVPs by double backward: reverse-over-reverse failed ({_first_line(exc)})")
             by_rows(self._kept_products(kept, key, make_batch), vectors, rows, into)
-            self._strategy_settled = True
-            return into
+        self._strategy_settled = True
+        return into
 
     def _kept_products(self, kept: dict, key: int, make_batch):
         if key not in kept:

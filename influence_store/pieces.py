@@ -39,7 +39,7 @@ def subnormals_flushed() -> Iterator[None]:
     Gradients of examples a model is sure of are full of them (softmax probabilities of 1e-40), and a CPU op
     that meets one takes a slow path: a matrix product of subnormals ran 200x slower, whole HVPs of a
     1M-parameter MLP 4.8x (docs/engine.md, "Subnormal numbers"). What they change is below any score's
-    rounding. The CLI's runs compute inside it; the HVP threads set it for themselves."""
+    rounding. Every ``execute_run`` computes inside it; the HVP threads set it for themselves."""
     was = bool((torch.tensor([1e-40]) * 1.0 == 0).item())  # already on: a float32 subnormal reads as zero
     torch.set_flush_denormal(True)
     try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 DEFAULT_SHARE = 0.25  # of the memory available when the run starts
 FALLBACK_BUDGET_MB = 1024.0  # when the machine does not say how much it has
@@ -89,37 +89,22 @@ class Plan:
         ])
 
 
-def activation_sizes(model) -> tuple[int, int]:
+def activation_sizes(saved_sizes: Callable[[list[int]], list[int]], n: int, guess: int) -> tuple[int, int]:
     """(all, widest): the floats one training example adds to an autograd graph, and to its widest single
-    tensor, measured by saved-tensor hooks. Each is the difference between a 3-example and a 1-example
-    forward pass, halved, so tensors that do not grow with the batch (the parameters) cancel out. The
-    widest is 1 (no cap on HVP pieces) where it is unknown: the graph's structure changes with the batch."""
-    n = len(model.task.train)
+    tensor, from ``saved_sizes`` (the sizes of the tensors a forward pass over some of the ``n`` training
+    examples saves for backward). Each is the difference between a 3-example and a 1-example pass, halved, so
+    tensors that do not grow with the batch (the parameters) cancel out. The widest is 1 (no cap on HVP
+    pieces) where it is unknown: the graph's structure changes with the batch. ``guess`` stands in for the
+    whole when the pass fails (the real pass reports real errors)."""
     try:
-        one = _saved_sizes(model, [0])
-        three = _saved_sizes(model, [0, 1, 2]) if n >= 3 else one
-    except Exception:  # the real pass reports real errors; here fall back to a rough guess
-        return model.num_params // 8 + 64, 1
+        one = saved_sizes([0])
+        three = saved_sizes([0, 1, 2]) if n >= 3 else one
+    except Exception:  # noqa: BLE001
+        return guess, 1
     every = max(1, (sum(three) - sum(one)) // 2 if n >= 3 else sum(one))
     if n < 3 or len(one) != len(three):  # no pairing of the tensors: the widest is unknown, so nothing caps it
         return every, 1
     return every, max(1, min(every, max(((b - a) // 2 for a, b in zip(one, three)), default=1)))
-
-
-def _saved_sizes(model, indices: list[int]) -> list[int]:
-    """The sizes of the tensors one forward pass over these training examples saves for backward, in order."""
-    import torch
-
-    sizes: list[int] = []
-
-    def pack(t):
-        sizes.append(t.numel())
-        return t
-
-    flat = model.flat.detach().requires_grad_(True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), model.eval_mode():
-        model._losses(flat, model.batch("train", indices)).sum()
-    return sizes
 
 
 def stored_chunk_size(model, requested: int | None) -> int:

@@ -16,7 +16,7 @@ import time
 import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 from .errors import InfluenceStoreError
 from .phases import QUIET, Phases
@@ -113,6 +113,20 @@ def check_names(model_version: str | None, dataset: str | None) -> None:
             raise InfluenceStoreError(f"{what} name is empty; give a name or leave it out for the default")
 
 
+def _subnormals_flushed(run: Callable) -> Callable:
+    """``run`` computing with subnormal floats read as zero (``pieces.subnormals_flushed``), entered before the
+    task loads so that torch's threads inherit it; torch is imported only once a run starts."""
+    @functools.wraps(run)
+    def flushed(*args: Any, **kwargs: Any) -> Any:
+        from .pieces import subnormals_flushed
+
+        with subnormals_flushed():
+            return run(*args, **kwargs)
+
+    return flushed
+
+
+@_subnormals_flushed
 def execute_run(store: Store, spec: str | Task, settings: RunSettings | None = None, *,
                 task_options: dict | None = None, model_version: str | None = None, dataset: str | None = None,
                 progress: bool = False, resume: int | None = None, allow_removed: bool = False,

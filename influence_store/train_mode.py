@@ -5,12 +5,14 @@ fell in, and batches come from the memory budget. Train-mode gradients are there
 groups of ``GROUP`` consecutive training examples, each seeded by its position: an example's mask, and so
 every score, depends only on the run's seed and the example's position, whatever the budget, the chunking,
 or which process computes it. Batch normalization is refused in train mode: it normalizes by the batch's
-statistics (so examples would interact) and updates the model's running statistics.
+statistics (so examples would interact) and updates the model's running statistics. ``model_in_mode`` puts a
+model in either mode for a while (for every gradient and for evaluation).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+import contextlib
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
@@ -20,6 +22,17 @@ if TYPE_CHECKING:
     from .gradients import TrackedModel
 
 GROUP = 16  # training examples per train-mode gradient batch, aligned to multiples of GROUP
+
+
+@contextlib.contextmanager
+def model_in_mode(model: torch.nn.Module, training: bool) -> Iterator[None]:
+    """``model`` in train (dropout on) or eval mode for the duration, restoring the caller's mode afterwards."""
+    was_training = model.training
+    model.train(training)
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def check_train_mode(model: torch.nn.Module) -> None:

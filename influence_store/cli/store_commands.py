@@ -146,7 +146,6 @@ def run(db, task_spec, settings, task_options, train_data, test_data, model_vers
     Example: influence-store run examples/digits_noisy.py:task -a exact -o damping 0.001
     """
     from ..phases import Phases
-    from ..pieces import subnormals_flushed
     from ..runs import execute_run
     from ..trust import UntrustedTaskError
 
@@ -164,11 +163,10 @@ def run(db, task_spec, settings, task_options, train_data, test_data, model_vers
     if resume is not None and task_spec == "-" and store.run(resume)["status"] != "done":
         task_spec = confirm_stored_task(store.run(resume), task_spec, stdin_is_terminal())
     try:
-        with subnormals_flushed():  # entered before torch starts its threads, so that they inherit it
-            result = execute_run(store, task_spec, settings, task_options=task_opts, model_version=model_version,
-                                 dataset=dataset, progress=not quiet and not as_json, resume=resume,
-                                 allow_removed=allow_removed, lease_seconds=lease_seconds, workers=workers,
-                                 scheduler=scheduler, phases=Phases(enabled=not as_json))
+        result = execute_run(store, task_spec, settings, task_options=task_opts, model_version=model_version,
+                             dataset=dataset, progress=not quiet and not as_json, resume=resume,
+                             allow_removed=allow_removed, lease_seconds=lease_seconds, workers=workers,
+                             scheduler=scheduler, phases=Phases(enabled=not as_json))
     except UntrustedTaskError as exc:
         raise click.ClickException(f"{exc}: influence-store run {shlex.quote(exc.spec)} --resume {exc.run_id}") \
             from None
