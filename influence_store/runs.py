@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
+from . import collector
 from .errors import InfluenceStoreError
 from .phases import QUIET, Phases
 from .leases import DEFAULT_LEASE_SECONDS, BlockLeases
@@ -113,20 +114,22 @@ def check_names(model_version: str | None, dataset: str | None) -> None:
             raise InfluenceStoreError(f"{what} name is empty; give a name or leave it out for the default")
 
 
-def _subnormals_flushed(run: Callable) -> Callable:
-    """``run`` computing with subnormal floats read as zero (``pieces.subnormals_flushed``), entered before the
-    task loads so that torch's threads inherit it; torch is imported only once a run starts."""
+def _as_a_run(run: Callable) -> Callable:
+    """``run`` computing with subnormal floats read as zero (``pieces.subnormals_flushed``) and the cycle
+    collector paused while its task loads (``collector.py``); both are entered before torch is imported and the
+    task loads, so that torch's threads inherit the first and the second covers those imports."""
     @functools.wraps(run)
-    def flushed(*args: Any, **kwargs: Any) -> Any:
-        from .pieces import subnormals_flushed
+    def as_a_run(*args: Any, **kwargs: Any) -> Any:
+        with collector.paused_for_run():
+            from .pieces import subnormals_flushed
 
-        with subnormals_flushed():
-            return run(*args, **kwargs)
+            with subnormals_flushed():
+                return run(*args, **kwargs)
 
-    return flushed
+    return as_a_run
 
 
-@_subnormals_flushed
+@_as_a_run
 def execute_run(store: Store, spec: str | Task, settings: RunSettings | None = None, *,
                 task_options: dict | None = None, model_version: str | None = None, dataset: str | None = None,
                 progress: bool = False, resume: int | None = None, allow_removed: bool = False,
@@ -142,7 +145,8 @@ def execute_run(store: Store, spec: str | Task, settings: RunSettings | None = N
     ``workers``/``scheduler`` run that loop on Dask workers instead of in this process (distributed.py).
     """
     settings = RunSettings.of(settings, **setting_values)
-    if workers is not None or scheduler is not None:
+    if workers is not None or scheduler is not None:  # this process loads nothing: Dask workers do
+        collector.loaded()
         from .distributed import execute_run_on_dask
 
         started = time.perf_counter()
@@ -174,6 +178,7 @@ def execute_run(store: Store, spec: str | Task, settings: RunSettings | None = N
     else:
         with phases.step(f"loading task {spec}"):
             task = load_task(spec, task_options)
+    collector.loaded()
     seconds_load = time.perf_counter() - started
     spec_text = portable_spec(spec) if isinstance(spec, str) else f"<python object {task.name or 'Task'}>"
     dataset = dataset or task.name or "dataset"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
 import sys
 import warnings
 
@@ -276,6 +277,81 @@ def test_bad_input_is_one_line(data, tmp_path, monkeypatch):
     assert "pip install --no-deps -r requirements-allennlp.txt" in message
     with pytest.raises(InfluenceStoreError, match="requirements-allennlp"):
         task_from_model(torch.nn.Linear(1, 1), None, data["train"], data["test"])
+
+
+PLUGIN_MODULE = """
+from allennlp.models import Model
+from allennlp.models.basic_classifier import BasicClassifier
+
+
+@Model.register("influence_store_plugin_classifier")
+class PluginClassifier(BasicClassifier):
+    \"\"\"Registered only when AllenNLP's plugin discovery imports this module.\"\"\"
+"""
+
+
+def retyped_archive(archive, out, model_type):
+    """A copy of ``archive`` whose config names another model type, read by AllenNLP's own JSONL reader."""
+    import tarfile
+
+    unpacked = out.parent / "unpacked"
+    with tarfile.open(archive) as tar:
+        tar.extractall(unpacked, filter="data")
+    config = json.loads((unpacked / "config.json").read_text())
+    config["model"]["type"] = model_type
+    config["dataset_reader"]["type"] = "text_classification_json"  # the test module's own reader is not there
+    (unpacked / "config.json").write_text(json.dumps(config))
+    with tarfile.open(out, "w:gz") as tar:
+        for member in unpacked.iterdir():
+            tar.add(member, arcname=member.name)
+    return out
+
+
+def test_a_model_from_an_allennlp_plugin_loads_as_simple_influence_loads_it(data, tmp_path):
+    """A model type that only a module listed in .allennlp_plugins registers: the CLI, started in that folder,
+    imports the plugin (as SimpleInfluence.from_path does); without the plugins file it is one clear line."""
+    archive = retyped_archive(data["archive"], tmp_path / "model.tar.gz", "influence_store_plugin_classifier")
+    (tmp_path / "influence_store_test_plugin.py").write_text(PLUGIN_MODULE)
+    command = [sys.executable, "-c", "from influence_store.cli import main; main()", "--db",
+               str(tmp_path / "s.db"), "run", f"allennlp:{archive}", "--train-data", data["train"], "--test-data",
+               data["test"], "-a", "lissa", "-o", "depth_iters", "2", "--no-self-influence", "--quiet", "--json"]
+    missing = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert missing.returncode == 1
+    message = missing.stderr.strip().splitlines()[-1]
+    assert "'influence_store_plugin_classifier' is not a registered name for 'Model')" in message, message
+    assert message.endswith("list the module that registers it in a .allennlp_plugins file in this folder, "
+                            "as AllenNLP needs")
+    (tmp_path / ".allennlp_plugins").write_text("influence_store_test_plugin\n")
+    found = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert json.loads(found.stdout.strip().splitlines()[-1])["status"] == "done"
+
+
+def test_allennlp_modules_outside_its_models_are_imported_only_for_an_archive_that_needs_them(data, monkeypatch):
+    """Without declared plugins, AllenNLP's remaining modules (import_plugins) are imported only after the
+    archive names a type that allennlp.models does not register, and then the load is tried again."""
+    import allennlp.models.archival as archival
+    from allennlp.common.checks import ConfigurationError
+
+    from influence_store.plugins import allennlp_tasks
+
+    real, imported, attempts, registered = archival.load_archive, [], [], {"by allennlp.models": False}
+
+    def load_archive(*args, **kwargs):
+        attempts.append(len(imported))
+        if not (registered["by allennlp.models"] or imported):
+            raise ConfigurationError("'some_model' is not a registered name for 'Model'.")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(archival, "load_archive", load_archive)
+    monkeypatch.setattr(allennlp_tasks, "_plugins_declared", lambda: False)
+    monkeypatch.setattr(allennlp_tasks, "_import_allennlp_plugins", lambda: imported.append(True))
+    assert allennlp_tasks.load_archive(data["archive"]).model is not None
+    assert attempts == [0, 1] and imported == [True]
+    imported.clear(), attempts.clear()
+    registered["by allennlp.models"] = True  # an archive of allennlp.models' own types: no plugin import
+    assert allennlp_tasks.load_archive(data["archive"]).model is not None
+    assert attempts == [0] and imported == []
 
 
 class _Classifier(torch.nn.Module):
