@@ -25,7 +25,11 @@ _LOCK = threading.Lock()
 
 @contextlib.contextmanager
 def paused_for_run() -> Iterator[None]:
-    """The collector paused from here until ``loaded()``; everything back as it was when the block ends."""
+    """The collector paused from here until ``loaded()``; everything back as it was when the block ends. Inside
+    such a block (the CLI's ``run`` opening its store first, then ``execute_run``) it is one pause."""
+    if _OURS.get():
+        yield
+        return
     with _LOCK:
         ours = gc.isenabled() and gc.get_freeze_count() == 0
         if ours:

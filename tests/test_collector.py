@@ -77,3 +77,16 @@ def test_objects_the_process_froze_stay_frozen(recorded, tmp_path):
         gc.unfreeze()
     assert collected(mine)
     assert recorded == {"loading": True, "computing": (True, True)}
+
+
+def test_a_run_inside_an_enclosing_pause_is_one_pause(recorded, tmp_path):
+    """The CLI's ``run`` pauses the collector before it opens the store; execute_run inside keeps that pause, and
+    the collector comes back once, when the outer block ends."""
+    from influence_store import collector
+
+    with collector.paused_for_run():
+        assert not gc.isenabled()
+        run(tmp_path)
+        assert gc.isenabled() and gc.get_freeze_count() > 0  # frozen until the outer block ends
+    assert recorded == {"loading": False, "computing": (True, True)}
+    assert gc.isenabled() and gc.get_freeze_count() == 0

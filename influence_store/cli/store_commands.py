@@ -8,6 +8,7 @@ import shlex
 
 import click
 
+from .. import collector
 from .common import confirm_stored_task, db_option, open_store, pairs, stdin_is_terminal
 from .output import listing_group, at_least_one, emit, output_options
 from .run_options import options_given, setting_names, settings_options
@@ -135,6 +136,7 @@ def db_backup(db, target):
               help="A block whose process stopped renewing its claim for this long is computed by another.")
 @click.option("--quiet", is_flag=True, help="No progress bars (phase lines with elapsed times still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (and nothing else).")
+@collector.paused_for_run()  # opening the store and importing the engine are part of loading the run
 def run(db, task_spec, settings, task_options, train_data, test_data, model_version, dataset, resume, allow_removed,
         workers, scheduler, lease_seconds, quiet, as_json):
     """Compute every influence score of TASK_SPEC and store it.
