@@ -5,6 +5,9 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e '.[test,dask,postgres]'
+# An editable install byte-compiles nothing (a regular one does): compile now, so that where writing bytecode is
+# off (PYTHONDONTWRITEBYTECODE) a process started from this checkout does not compile its modules every time.
+.venv/bin/python -m compileall -q influence_store plugins migrations
 # The optional AllenNLP 2.10.1 set (its own metadata pins torch<1.13): --no-deps keeps torch 2.13.0.
 .venv/bin/pip install -q --no-deps -r requirements-allennlp.txt
 # The example plugin package, installed like a user would (not editable): tests find it through its entry point.
