@@ -43,6 +43,7 @@ from influence_store.task import Task, TaskLoader, to_jsonable
 
 INSTALL_HINT = ("install AllenNLP 2.10.1 with `pip install --no-deps -r requirements-allennlp.txt` "
                 "(the pinned set in the influence-store repository; see README 'AllenNLP models')")
+UNREGISTERED = "is not a registered name"  # AllenNLP's registry error for a type that nothing imported
 
 
 @dataclass
@@ -165,13 +166,13 @@ def load_archive(path: str, cuda_device: int = -1, overrides: str = "") -> Any:
             try:
                 return allennlp_load_archive(path, cuda_device=cuda_device, overrides=overrides)
             except Exception as exc:  # a type from an AllenNLP module that allennlp.models does not import
-                if declared or "is not a registered name" not in str(exc):
+                if declared or UNREGISTERED not in str(exc):
                     raise
                 _import_allennlp_plugins()
                 return allennlp_load_archive(path, cuda_device=cuda_device, overrides=overrides)
     except Exception as exc:  # tarfile, JSON, registry and weight-loading errors all mean "not this archive"
         reason, fix = _first_line(exc), "give the model.tar.gz written by `allennlp train`"
-        if "is not a registered name" in reason:  # custom code that nothing imported
+        if UNREGISTERED in reason:  # custom code that nothing imported
             reason = reason.split(". ")[0]
             fix = "list the module that registers it in a .allennlp_plugins file in this folder, as AllenNLP needs"
         raise InfluenceStoreError(
@@ -403,7 +404,7 @@ def _plugins_declared() -> bool:
 
     from allennlp.common import plugins
 
-    return (Path(plugins.LOCAL_PLUGINS_FILENAME).is_file() or Path(plugins.GLOBAL_PLUGINS_FILENAME).is_file()
+    return (next(iter(plugins.discover_plugins()), None) is not None  # AllenNLP's own reading of the files
             or any(importlib.util.find_spec(name) is not None for name in plugins.DEFAULT_PLUGINS))
 
 
