@@ -1,16 +1,21 @@
-"""HVP strategies side by side: reverse-over-reverse (what influence-store uses where torch.func traces the
-model), forward-over-reverse (what it used before) and double backward (its fallback), one HVP call on the
-same vectors and batch.
+"""HVP strategies and per-example gradient paths side by side, on the same vectors, batches and models.
 
     .venv/bin/python benchmarks/bench_hvp.py                                  # OpenMP's default waiting
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_hvp.py          # what bench_peers.py sets
 
+HVPs (first table), one call each: double backward with the vectors vmapped by torch.func over the second
+backward pass (what influence-store ships), reverse-over-reverse (``vjp`` of ``grad``, vmapped over the
+vectors: what it shipped before), forward-over-reverse (before that) and autograd's ``is_grads_batched``
+(its old fallback for models torch.func cannot trace). Per-example gradients (second table), one chunk:
+per-sample hooks (``per_sample.py``) against ``vmap(grad)``; ``TrackedModel`` takes hooks first where every
+tracked parameter is in a linear or embedding layer.
+
 Models: the digits tanh MLP of bench_peers.py (p=2,410) and its 112k-parameter variant, a small CNN and an
 embedding model on random data; each on an 8-example batch (a LiSSA step) and on its whole training set
-(CG, exact, power iteration). Best of 3 after a warm-up, 2 threads; the three results agree to float32
-rounding (relative difference of the norms under 1e-4).
+(CG, exact, power iteration). Best of 3 after a warm-up, 2 threads; the results agree to float32 rounding
+(relative difference of the norms under 1e-4).
 
-A second table times ``TrackedModel.hvp`` over the whole training set as an iterative solver calls it (CG
+A third table times ``TrackedModel.hvp`` over the whole training set as an iterative solver calls it (CG
 with 10 vectors, exact's identity sweep): pieces sized to stay in cache (``CPU_PIECE_BYTES``) and the
 graphs kept from the second call on, against one piece per call with the graph rebuilt each time (what
 it did before). Best of 3 after 2 calls; both give the same products to float32 rounding.
@@ -34,13 +39,27 @@ from influence_store.gradients import TrackedModel  # noqa: E402
 
 
 def forward_over_reverse(tracked, vectors, batch):
-    """``jvp`` of ``grad``, vmapped over the vectors: the strategy influence-store used until reverse-over-reverse
-    measured faster on every model here."""
+    """``jvp`` of ``grad``, vmapped over the vectors."""
     from torch.func import grad, jvp, vmap
 
     gradient = grad(lambda flat: tracked._losses(flat, batch).sum())
     flat = tracked.flat.detach()
     return vmap(lambda tangent: jvp(gradient, (flat,), (tangent,))[1])(vectors).detach()
+
+
+def reverse_over_reverse(tracked, vectors, batch):
+    """The pullback of ``grad`` (``vjp``), built once and vmapped over the vectors."""
+    from torch.func import grad, vjp, vmap
+
+    _, pullback = vjp(grad(lambda flat: tracked._losses(flat, batch).sum()), tracked.flat.detach())
+    return vmap(lambda cotangent: pullback(cotangent)[0])(vectors).detach()
+
+
+def grads_batched(tracked, vectors, batch):
+    """Double backward with autograd's own ``is_grads_batched`` (its legacy vmap)."""
+    flat = tracked.flat.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(tracked._losses(flat, batch).sum(), flat, create_graph=True)
+    return torch.autograd.grad(g, flat, grad_outputs=vectors, is_grads_batched=True)[0].detach()
 
 
 def cnn():
@@ -81,27 +100,53 @@ def best(call, rounds: int = 3) -> float:
     return min(times)
 
 
+CASES = [("digits MLP", lambda: digits(32)), ("112k MLP", lambda: digits(1336)), ("CNN", cnn), ("embedding", embedding)]
+
+
 def main() -> None:
     torch.set_num_threads(2)
-    cases = [("digits MLP", lambda: digits(32)), ("112k MLP", lambda: digits(1336)), ("CNN", cnn),
-             ("embedding", embedding)]
-    print("model        batch    p        vectors  double backward  forward-over-reverse  reverse-over-reverse"
-          "  fwd/rev ratio")
-    for name, build in cases:
+    print("HVPs: time of each strategy / time of the shipped one (vmapped double backward)")
+    print("model        batch    p        vectors  shipped     reverse-over-reverse  forward-over-reverse"
+          "  is_grads_batched")
+    for name, build in CASES:
         model, x, y = build()
         task = ist.Task(model, bench_peers.ce, TensorDataset(x, y), TensorDataset(x[:1], y[:1]))
         tracked = TrackedModel(task, tracked_parameters(model, "all", {}))
         for size in (8, len(x)):
             vectors = torch.randn(50 if size == 8 else 10, tracked.num_params)
             batch = tracked.batch("train", list(range(size)))
-            backward = tracked._backward_products(batch)(vectors).detach()
-            for other in (forward_over_reverse(tracked, vectors, batch), tracked._products(batch)(vectors).detach()):
-                assert float((other - backward).norm()) <= 1e-4 * float(backward.norm()), name  # float32 rounding
-            slow = best(lambda: tracked._backward_products(batch)(vectors).detach())
-            forward = best(lambda: forward_over_reverse(tracked, vectors, batch))
-            reverse = best(lambda: tracked._products(batch)(vectors).detach())
-            print(f"{name:12s} {size:5d} {tracked.num_params:8,d} {len(vectors):7d}  {slow:14.4f} s"
-                  f"  {forward:18.4f} s  {reverse:18.4f} s  {forward / reverse:5.2f}x")
+            shipped = tracked._products(batch)(vectors).detach()
+            others = (reverse_over_reverse, forward_over_reverse, grads_batched)
+            for other in others:
+                assert float((other(tracked, vectors, batch) - shipped).norm()) <= 1e-4 * float(shipped.norm()), name
+            ours = best(lambda: tracked._products(batch)(vectors).detach())
+            ratios = [best(lambda: other(tracked, vectors, batch)) / ours for other in others]
+            print(f"{name:12s} {size:5d} {tracked.num_params:8,d} {len(vectors):7d}  {ours:8.4f} s"
+                  + "".join(f"  {r:19.2f}x" for r in ratios))
+
+
+def per_example_gradients() -> None:
+    """Per-sample hooks against ``vmap(grad)`` on one chunk of examples, and the path ``TrackedModel`` takes."""
+    torch.set_num_threads(2)
+    print("\nper-example gradients: hooks' time / vmap(grad)'s time")
+    print("model        examples  p        vmap(grad)  hooks        ratio   path taken")
+    for name, build in CASES:
+        model, x, y = build()
+        task = ist.Task(model, bench_peers.ce, TensorDataset(x, y), TensorDataset(x[:1], y[:1]))
+        tracked = TrackedModel(task, tracked_parameters(model, "all", {}))
+        from influence_store.per_sample import plan
+
+        tracked._hook_plan = plan(model, tracked.names)
+        for size in (8, 200):
+            batch = tracked.batch("train", list(range(size)))
+            with torch.enable_grad():
+                hooks, vmapped = tracked._hook_grads(batch, size), tracked._vmap_grads(batch)
+                assert float((hooks - vmapped).norm()) <= 1e-4 * float(vmapped.norm()), name
+                vmap_time = best(lambda: tracked._vmap_grads(batch))
+                hook_time = best(lambda: tracked._hook_grads(batch, size))
+            path = TrackedModel(task, tracked.names).grad_path["path"]
+            print(f"{name:12s} {size:8d} {tracked.num_params:8,d}  {vmap_time:8.4f} s  {hook_time:8.4f} s"
+                  f"  {hook_time / vmap_time:6.2f}x  {path}")
 
 
 def whole_set_products() -> None:
@@ -129,4 +174,5 @@ def whole_set_products() -> None:
 
 if __name__ == "__main__":
     main()
+    per_example_gradients()
     whole_set_products()

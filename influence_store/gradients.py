@@ -3,9 +3,9 @@
 Parameters are handled as one flat vector of size ``p`` (in the order of the tracked names). The
 model itself is never mutated: a detached copy of the tracked parameters (and of every other parameter
 and buffer, moved to the compute device and dtype) is passed through ``torch.func.functional_call``.
-Per-example gradients use ``vmap(grad(...))`` over batches sized by a memory budget. HVPs are
-reverse-over-reverse (double backward where torch.func cannot trace the model) over example batches, each
-graph built once and applied to blocks of vectors; on the CPU a piece stays near a cache's worth of
+Per-example gradients use per-sample hooks on linear and embedding layers, else ``vmap(grad(...))``, over
+batches sized by a memory budget. HVPs are double backward vmapped over the vectors, over example batches,
+each graph built once and applied to blocks of vectors; on the CPU a piece stays near a cache's worth of
 tensors, and an iterative solver's whole-set graphs are kept between calls. The dense Hessian is the same
 map applied to the identity. Sizes come from ``plan.py``'s cost model: what one example's autograd graph
 holds is measured once (saved-tensor hooks), not guessed from the parameter count.
@@ -16,20 +16,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import sys
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, grad, vjp, vmap
+from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 from .errors import InfluenceStoreError
+from .grad_paths import PerExampleGradients, _first_line
 from .pieces import by_rows, kept_sums_in_threads, threads_pay
 from .plan import WORK_SHARE, activation_sizes, default_budget_mb
 from .task import Task
-from .train_mode import aligned, grouped_grads, model_in_mode
+from .train_mode import model_in_mode
 
 CPU_PIECE_BYTES = 32 * 2**20  # an HVP piece's (example, vector) tensors on the CPU: about a cache's worth
 CPU_PIECE_VECTORS = 8  # the example batches leave room for this many vectors per piece
@@ -48,7 +48,7 @@ class _LossModule(torch.nn.Module):
         return self._loss(self.model, batch)
 
 
-class TrackedModel:
+class TrackedModel(PerExampleGradients):
     """The task's model seen as a function of the flat vector of tracked parameters."""
 
     def __init__(self, task: Task, tracked: Sequence[str], device: str | torch.device = "cpu",
@@ -83,9 +83,9 @@ class TrackedModel:
         self.mode = model_mode  # the mode of training-example gradients (test gradients and HVPs: eval)
         self.seed = int(seed)
         self.verbose = verbose
-        self.grad_strategy = "vmap"
-        self.grad_path: dict[str, str] = {"path": "vmap", "why": "torch.func traces the model"}
-        self.hvp_strategy = "reverse-over-reverse"  # torch.func; "double-backward" where it cannot trace
+        self.grad_path: dict[str, str] = {}
+        self.grad_strategy = self._first_path()  # "hooks?", "hooks", "vmap" or "loop"
+        self.hvp_strategy = "vmapped"  # the vectors of a block vmapped over double backward; else "per-vector"
         self._whole_set_seen = False  # a whole-set product was made: the next one means an iterative solver
         self._strategy_settled = False  # a product has worked: the HVP strategy is settled for the model
         self._kept_graphs: tuple[int, dict] | None = None  # (examples per batch, products by batch start)
@@ -207,94 +207,6 @@ class TrackedModel:
         """Examples per per-example-gradient chunk: each holds its gradient and its own graph."""
         return self.chunk_size(self.num_params + 2 * self.activation_floats())
 
-    def per_example_grads(self, split: str, indices: Sequence[int]) -> Tensor:
-        """Gradients of each example's loss, shape [len(indices), p], with gradients enabled whatever
-        the caller's grad mode. Paths, fastest first: ``vmap(grad)``; per-sample hooks on the layers
-        (one batched forward and backward) when vmap cannot trace the model; one backward per example
-        as the last resort. The path taken and why is in ``grad_path`` and ``notes``."""
-        indices, mode = list(indices), self.mode if split == "train" else "eval"
-        if mode == "train" and not aligned(indices, len(self.task.train)):  # masks by position (train_mode.py)
-            return grouped_grads(self, indices)
-        batch = self.batch(split, indices)
-        with torch.enable_grad(), self.model_mode(mode, seed=indices[0] if indices else 0):
-            if self.grad_strategy == "vmap":
-                try:
-                    return self._vmap_grads(batch)
-                except Exception as exc:  # vmap cannot trace every model (.item(), boolean masks, branches)
-                    self._choose_fallback(exc)
-            if self.grad_strategy.startswith("hooks"):
-                try:
-                    grads = self._hook_grads(batch, len(indices))
-                    if self.grad_strategy == "hooks?":
-                        self._check_hooks(grads, split, indices, mode)
-                    if self.grad_strategy == "hooks":
-                        return grads
-                except Exception as exc:  # noqa: BLE001 - a layer used in a way the rules do not cover
-                    self._set_path("loop", f"per-sample hooks failed ({_first_line(exc)})")
-            return torch.stack([self._single_grad(self.batch(split, [i])) for i in indices])
-
-    def _choose_fallback(self, exc: Exception) -> None:
-        from .per_sample import Unsupported, plan
-
-        why = f"vmap cannot trace the model ({_first_line(exc)})"
-        try:
-            self._hook_plan = plan(self.task.model, self.names)
-        except Unsupported as reason:
-            self._set_path("loop", f"{why}; per-sample hooks do not apply: {reason}")
-            return
-        self.grad_strategy = "hooks?"  # confirmed against autograd on its first batch
-        self.grad_path.update(path="hooks", why=why)  # the same dict the run's diagnostics hold
-
-    def _set_path(self, path: str, why: str) -> None:
-        self.grad_strategy = path
-        self.grad_path.update(path=path, why=why)
-        word = {"loop": "used a per-example loop", "hooks": "used per-sample hooks on the layers"}[path]
-        self.notes.append(f"{why}; {word}")
-        if self.verbose:
-            print(f"per-example gradients: {why}; {word}", file=sys.stderr)
-
-    def _vmap_grads(self, batch: Any) -> Tensor:
-        def loss_of_one(flat: Tensor, example: Any) -> Tensor:
-            one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
-            return self._losses(flat, one).sum()
-
-        in_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) and t.dim() > 0 else None, batch)
-        return vmap(grad(loss_of_one), in_dims=(None, in_dims), randomness="different")(self.flat, batch).detach()
-
-    def _hook_grads(self, batch: Any, m: int) -> Tensor:
-        from .per_sample import Capture, per_sample_grads
-
-        capture = Capture(self.task.model, self._hook_plan)
-        flat = self.flat.detach().requires_grad_(True)  # so every layer output is part of a graph
-        with capture.active():
-            losses = self._losses(flat, batch)
-        if not isinstance(losses, Tensor) or losses.shape != (m,):
-            raise InfluenceStoreError("the loss does not return one value per example")
-        return per_sample_grads(capture, self._hook_plan, losses, self.names).detach()
-
-    def _check_hooks(self, grads: Tensor, split: str, indices: list[int], mode: str) -> None:
-        """Trust the hooks only if they agree with autograd on the first examples (batch norm, say, would
-        not). Checked in eval mode: in train mode a batch and an example draw different dropout masks."""
-        if mode != "eval":
-            with self.model_mode("eval"):
-                grads = self._hook_grads(self.batch(split, indices), len(indices))
-        for row, i in list(enumerate(indices))[:2]:
-            with self.model_mode("eval"):
-                expected = self._single_grad(self.batch(split, [i]))
-            error = float((grads[row] - expected).norm()) / max(float(expected.norm()), 1e-30)
-            if error > 1e-4:
-                self._set_path("loop", f"{self.grad_path['why']}; per-sample hooks disagreed with autograd "
-                                       f"(relative error {error:.1e}: examples interact within a batch)")
-                return
-        self._set_path("hooks", self.grad_path["why"])
-
-    def _single_grad(self, batch: Any) -> Tensor:
-        flat = self.flat.detach().requires_grad_(True)
-        with torch.enable_grad():
-            loss = self._losses(flat, batch).sum()
-            (g,) = torch.autograd.grad(loss, flat, allow_unused=True)
-        return torch.zeros_like(flat) if g is None else g.detach()
-
     # ---------- curvature ----------
     def hvp(self, vectors: Tensor, indices: Sequence[int] | Tensor | None = None) -> Tensor:
         """``(H_batch + l2 I) v`` for each row v of ``vectors`` [k, p]; H_batch is the mean-loss
@@ -370,22 +282,19 @@ class TrackedModel:
     def _hvp_sum(self, vectors: Tensor, make_batch, rows: int, into: Tensor, kept: dict | None = None,
                  key: int = 0) -> Tensor:
         """Sum over the batch's examples of ``H_i v`` for every row of ``vectors``, ``rows`` vectors at a
-        time through one graph: reverse-over-reverse (the pullback of ``grad``, built once per batch and
-        vmapped over the vectors) where torch.func traces the model, else double backward. The choice
-        depends only on the model, never on timings, so a run repeats bit for bit (docs/engine.md,
-        "Curvature"). The sums are added to ``into``; ``kept`` holds the graphs kept by batch start
-        (``key`` is this batch's), a fresh dict when they are not kept."""
+        time through one graph (``_products``). The sums are added to ``into``; ``kept`` holds the graphs kept
+        by batch start (``key`` is this batch's), a fresh dict when they are not kept."""
         kept = {} if kept is None else kept
         try:
             by_rows(self._kept_products(kept, key, make_batch), vectors, rows, into)
         except InfluenceStoreError:
             raise
-        except Exception as exc:  # an op without a batching rule
-            if self.hvp_strategy != "reverse-over-reverse":
+        except Exception as exc:  # a backward op without a batching rule: one vector at a time
+            if self.hvp_strategy != "vmapped":
                 raise
-            kept.clear()
-            self.hvp_strategy = "double-backward"
-            self.notes.append(f"HVPs by double backward: reverse-over-reverse failed ({_first_line(exc)})")
+            self.hvp_strategy = "per-vector"
+            self.notes.append(f"HVPs one vector at a time: vmap over the second backward pass failed "
+                              f"({_first_line(exc)})")
             by_rows(self._kept_products(kept, key, make_batch), vectors, rows, into)
         self._strategy_settled = True
         return into
@@ -396,30 +305,29 @@ class TrackedModel:
         return kept[key]
 
     def _products(self, batch: Any):
-        """``v -> sum_i H_i v`` over the batch for a block of vectors, its graph built here once (attention by
-        its plain math kernel: the fused ones have no second derivative)."""
-        with sdpa_kernel(SDPBackend.MATH):
-            if self.hvp_strategy == "reverse-over-reverse":
-                _, pullback = vjp(grad(lambda flat: self._losses(flat, batch).sum()), self.flat.detach())
-                return vmap(lambda cotangent: pullback(cotangent)[0])
-            return self._backward_products(batch)
+        """``v -> sum_i H_i v`` over the batch for a block of vectors: double backward through one retained
+        ``create_graph`` gradient, built here once (attention by its plain math kernel: the fused ones have no
+        second derivative), with the block's vectors vmapped by torch.func over the second backward pass.
 
-    def _backward_products(self, batch: Any):
-        """Double backward: every block of vectors goes through one retained ``create_graph`` gradient."""
+        Only the backward pass is vmapped, so this serves models torch.func cannot trace as well. It is as
+        fast as reverse-over-reverse (``vjp`` of ``grad``, 0.69-1.09x its time) and up to 28x faster than
+        autograd's own ``is_grads_batched`` (``bench_hvp.py``); the choice depends only on the model, so a run
+        repeats bit for bit (docs/engine.md, "Curvature")."""
         flat = self.flat.detach().requires_grad_(True)
-        loss = self._losses(flat, batch).sum()
-        (g,) = torch.autograd.grad(loss, flat, create_graph=True, allow_unused=True)
+        with sdpa_kernel(SDPBackend.MATH):
+            loss = self._losses(flat, batch).sum()
+            (g,) = torch.autograd.grad(loss, flat, create_graph=True, allow_unused=True)
         if g is None or not g.requires_grad:  # loss linear in the tracked parameters: H = 0
             return torch.zeros_like
 
+        def product(v: Tensor) -> Tensor:
+            (hv,) = torch.autograd.grad(g, flat, grad_outputs=v, retain_graph=True, allow_unused=True)
+            return torch.zeros_like(v) if hv is None else hv
+
         def products(block: Tensor) -> Tensor:
-            try:
-                (hv,) = torch.autograd.grad(g, flat, grad_outputs=block, is_grads_batched=True,
-                                            retain_graph=True, allow_unused=True)
-            except RuntimeError:  # some ops have no batching rule: one vector at a time
-                hv = torch.stack([torch.autograd.grad(g, flat, grad_outputs=v, retain_graph=True,
-                                                      allow_unused=True)[0] for v in block])
-            return torch.zeros_like(block) if hv is None else hv
+            if self.hvp_strategy == "vmapped":
+                return vmap(product)(block)
+            return torch.stack([product(v) for v in block])
 
         return products
 
@@ -441,8 +349,3 @@ class TrackedModel:
 
     def num_batches(self, batch_size: int) -> int:
         return math.ceil(len(self.task.train) / batch_size)
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:160] if text else ''}"

@@ -45,14 +45,19 @@ def _kind(module: torch.nn.Module) -> str | None:
     return None
 
 
-def plan(model: torch.nn.Module, tracked: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """Map each tracked parameter name to (owning module name, "weight"|"bias"), or raise Unsupported."""
+FASTER_THAN_VMAP = ("linear", "embedding")  # layers whose hooks beat vmap(grad) (docs/engine.md, "Gradients")
+
+
+def plan(model: torch.nn.Module, tracked: Sequence[str],
+         kinds: Sequence[str] = ("linear", "conv", "embedding")) -> dict[str, tuple[str, str]]:
+    """Map each tracked parameter name to (owning module name, "weight"|"bias"), or raise Unsupported when one
+    belongs to a layer that is not of ``kinds``."""
     modules = dict(model.named_modules())
     owners = {}
     for name in tracked:
         owner, _, leaf = name.rpartition(".")
         module = modules.get(owner)
-        if module is None or leaf not in ("weight", "bias") or _kind(module) is None:
+        if module is None or leaf not in ("weight", "bias") or _kind(module) not in kinds:
             kind = type(module).__name__ if module is not None else "?"
             raise Unsupported(f"parameter {name!r} belongs to a {kind}, which has no per-sample rule")
         owners[name] = (owner, leaf)
@@ -78,6 +83,8 @@ class Capture:
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
+            if not torch.is_grad_enabled():  # a forward without gradients (a loss checking itself) has no backward
+                return
             if name in self.seen:
                 raise Unsupported(f"layer {name!r} runs more than once per forward pass")
             if not isinstance(output, Tensor) or not inputs or not isinstance(inputs[0], Tensor):

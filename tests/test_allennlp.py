@@ -236,12 +236,18 @@ def test_live_model_keys_hashes_and_untouched_metrics(data):
     accuracy = archive.model._accuracy
     before = (accuracy.correct_count, accuracy.total_count)
     computation = ist.compute_scores(task, "lissa", {"depth_iters": 3})
-    vmapped = computation.matrix()
-    assert computation.model.grad_strategy == "vmap" and task.loss.vmap_works
+    batched = computation.matrix()
+    assert computation.model.grad_strategy == "hooks" and task.loss.path == "batched" and task.loss.batched_works
     assert archive.model._accuracy is accuracy and (accuracy.correct_count, accuracy.total_count) == before
-    task.loss.vmap_works = False  # what a model that vmap cannot trace gets: one forward pass per instance
+    task.loss.batched_works = False  # a model whose batched forward mixes instances: vmap-ed single instances
+    computation = ist.compute_scores(task, "lissa", {"depth_iters": 3})
+    vmapped = computation.matrix()
+    assert task.loss.path == "vmap" and computation.model.grad_strategy == "vmap"  # hooks disagreed under vmap
+    torch.testing.assert_close(vmapped, batched, rtol=1e-5, atol=1e-6 * float(batched.abs().max()))
+    task.loss.vmap_works = False  # what a model that vmap cannot trace gets as well: one forward per instance
     looped = ist.compute_scores(task, "lissa", {"depth_iters": 3}).matrix()
-    torch.testing.assert_close(looped, vmapped, rtol=1e-5, atol=1e-6 * float(vmapped.abs().max()))
+    assert task.loss.path == "per-instance"
+    torch.testing.assert_close(looped, batched, rtol=1e-5, atol=1e-6 * float(batched.abs().max()))
 
     with_ids = load(data)
     assert with_ids.keys("test")[:2] == [json.loads(line)["id"] for line in open(data["test"])][:2]
@@ -372,7 +378,7 @@ class _Classifier(torch.nn.Module):
 
 @pytest.mark.parametrize("mixes", [False, True])
 def test_the_batched_loss_is_used_only_where_instances_do_not_interact(mixes):
-    from influence_store.plugins.allennlp_tasks import _batched_agrees
+    from influence_store.plugins.allennlp_loss import _batched_agrees
 
     batch = {"x": torch.randn(100, 5, generator=torch.Generator().manual_seed(1)), "label": torch.arange(100) % 3}
     model = _Classifier(mixes).train()

@@ -29,7 +29,7 @@ from test_allennlp import train_archive, write_data  # noqa: E402
 pytestmark = pytest.mark.allennlp
 
 N_TRAIN, N_TEST, DEPTH = 40, 5, 6
-PATHS = {"bag": "vmap", "cnn": "hooks", "lstm": "loop"}
+PATHS = {"bag": "hooks", "cnn": "hooks", "lstm": "loop"}
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,20 @@ class TinyMLP(torch.nn.Module):
         return self.out(torch.tanh(self.hidden(x)))
 
 
-def mlp_task(l2=0.05, n_train=12, loss=ce_loss):
+class NormMLP(TinyMLP):
+    """A LayerNorm between the layers: no per-sample rule covers it, so vmap serves this model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(5)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.norm(self.hidden(x))))
+
+
+def mlp_task(l2=0.05, n_train=12, loss=ce_loss, model_class=TinyMLP):
     torch.manual_seed(0)
-    model = TinyMLP().double()
+    model = model_class().double()
     x = torch.randn(n_train + 4, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (n_train + 4,))
     return ist.Task(model, loss, TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:]),
@@ -90,7 +101,7 @@ def counting(loss):
     return counted
 
 
-@pytest.mark.parametrize("strategy", ["reverse-over-reverse", "double-backward"])
+@pytest.mark.parametrize("strategy", ["vmapped", "per-vector"])
 def test_repeated_whole_set_products_reuse_the_graphs_and_stay_exact(strategy, monkeypatch):
     """From the second whole-set product on (an iterative solver), no forward pass runs again, for either
     HVP strategy, and every product still equals the autograd Hessian's, whatever the piece sizes."""
@@ -165,24 +176,58 @@ def per_example_autograd_loop(task, split):
     return torch.stack(rows)
 
 
-def test_per_example_grads_equal_autograd_loop():
-    task = mlp_task()
+@pytest.mark.parametrize("model_class, path", [(TinyMLP, "hooks"), (NormMLP, "vmap")])
+def test_per_example_grads_equal_autograd_loop(model_class, path):
+    """Linear layers only: per-sample hooks (the faster path); a LayerNorm among them: vmap."""
+    task = mlp_task(model_class=model_class)
     tracked = TrackedModel(task, [n for n, _ in task.model.named_parameters()], memory_budget_mb=1e-3)
     chunks = list(tracked.grad_chunks("train"))
     assert len(chunks) > 1  # the budget forces several chunks
     assert [i for idx, _ in chunks for i in idx] == list(range(len(task.train)))
     grads = torch.cat([g for _, g in chunks])
     torch.testing.assert_close(grads, per_example_autograd_loop(task, "train"), rtol=1e-10, atol=1e-12)
-    assert tracked.grad_strategy == "vmap" and tracked.notes == []
+    assert tracked.grad_strategy == path and tracked.grad_path["path"] == path and tracked.notes == []
 
 
-def test_loop_fallback_gives_the_same_gradients_and_says_so():
-    """vmap fails; per-sample hooks serve this all-Linear model (the loop for others: test_per_sample.py)."""
-    task = mlp_task(loss=item_loss)
+def centered_loss(model, batch):
+    """Logits centred on the batch's mean: examples interact, so per-sample hooks see the wrong thing."""
+    x, y = batch
+    logits = model(x)
+    return torch.nn.functional.cross_entropy(logits - 0.5 * logits.mean(0), y, reduction="none")
+
+
+def test_hooks_that_disagree_with_autograd_leave_the_model_to_vmap():
+    task = mlp_task(loss=centered_loss)
     tracked = TrackedModel(task, [n for n, _ in task.model.named_parameters()])
     grads = tracked.per_example_grads("test", range(len(task.test)))
-    assert tracked.grad_strategy == "hooks"
-    assert "vmap cannot trace" in tracked.notes[0] and "per-sample hooks" in tracked.notes[0]
+    assert tracked.grad_strategy == "vmap" and "disagreed with autograd" in tracked.grad_path["why"]
+    expected = []
+    for i in range(len(task.test)):  # each example alone, as vmap takes it
+        flat = autograd_flat(task).requires_grad_(True)
+        names = [n for n, _ in task.model.named_parameters()]
+        pieces = torch.split(flat, [p.numel() for p in task.model.parameters()])
+        params = {n: piece.view(p.shape) for n, piece, p in zip(names, pieces, task.model.parameters())}
+        x, y = task.test.tensors
+        loss = centered_loss(lambda v: torch.func.functional_call(task.model, params, (v,)), (x[i:i + 1], y[i:i + 1]))
+        expected.append(torch.autograd.grad(loss.sum(), flat)[0])
+    torch.testing.assert_close(grads, torch.stack(expected), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_class, path, why", [
+    (TinyMLP, "hooks", None),  # linear layers: the hooks come first, vmap is never tried
+    (NormMLP, "loop", "per-sample hooks do not apply"),  # vmap fails, no per-sample rule for the LayerNorm
+])
+def test_untraceable_loss_gets_the_same_gradients_and_says_how(model_class, path, why):
+    """A loss vmap cannot trace: per-sample hooks serve an all-Linear model (the loop for others; hooks as
+    the fallback for convolutions: test_per_sample.py)."""
+    task = mlp_task(loss=item_loss, model_class=model_class)
+    tracked = TrackedModel(task, [n for n, _ in task.model.named_parameters()])
+    grads = tracked.per_example_grads("test", range(len(task.test)))
+    assert tracked.grad_strategy == path
+    if why is None:
+        assert tracked.notes == []
+    else:
+        assert "vmap cannot trace" in tracked.notes[0] and why in tracked.notes[0]
     torch.testing.assert_close(grads, per_example_autograd_loop(task, "test"), rtol=1e-10, atol=1e-12)
 
 
@@ -305,9 +350,27 @@ def test_whole_set_products_run_one_thread_per_batch_with_the_serial_bits(monkey
     torch.testing.assert_close(kept, vectors @ hessian, rtol=1e-10, atol=1e-12)
 
 
+class _CheckedMul(torch.autograd.Function):
+    """``a * b`` whose backward reads a Python number from its input, which vmap refuses."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        a, b = ctx.saved_tensors
+        if float(grad_output.abs().sum().item()) < 0:  # never true: only here to call .item()
+            raise AssertionError
+        return grad_output * b, grad_output * a
+
+
 class _OldStyleTanh(torch.autograd.Function):
-    """tanh as an autograd.Function without ``setup_context``: torch.func cannot transform it, plain autograd
-    differentiates it twice."""
+    """tanh as an autograd.Function without ``setup_context`` (torch.func cannot transform its forward); with
+    ``checked`` its backward multiplies through ``_CheckedMul``, so a vmapped second backward pass fails."""
+
+    checked = False
 
     @staticmethod
     def forward(ctx, x):
@@ -317,14 +380,18 @@ class _OldStyleTanh(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (x,) = ctx.saved_tensors
-        return grad_output * (1 - torch.tanh(x) ** 2)
+        slope = 1 - torch.tanh(x) ** 2
+        return _CheckedMul.apply(grad_output, slope) if _OldStyleTanh.checked else grad_output * slope
 
 
-def test_first_threaded_product_falls_back_to_double_backward_where_torch_func_fails(monkeypatch):
-    """The first whole-set product settles the HVP strategy on one vector before its batches go to threads:
-    a model torch.func cannot transform gets double backward for every batch and the autograd Hessian."""
+@pytest.mark.parametrize("checked, strategy", [(False, "vmapped"), (True, "per-vector")])
+def test_first_threaded_product_settles_the_hvp_strategy(monkeypatch, checked, strategy):
+    """The first whole-set product settles the HVP strategy on one vector before its batches go to threads.
+    A model torch.func cannot transform still gets its vectors vmapped over the second backward pass (only
+    that pass is vmapped); where that pass itself fails, one vector at a time. Both give the autograd Hessian."""
     import influence_store.gradients as gradients
 
+    monkeypatch.setattr(_OldStyleTanh, "checked", checked)
     task = mlp_task(n_train=40)
     task.model.forward = lambda x: task.model.out(_OldStyleTanh.apply(task.model.hidden(x)))
     tracked = TrackedModel(task, [n for n, _ in task.model.named_parameters()])
@@ -339,7 +406,8 @@ def test_first_threaded_product_falls_back_to_double_backward_where_torch_func_f
         product = tracked.hvp(vectors)
     finally:
         torch.set_num_threads(threads)
-    assert tracked.hvp_strategy == "double-backward" and "reverse-over-reverse failed" in tracked.notes[-1]
+    assert tracked.hvp_strategy == strategy
+    assert any("vmap over the second backward pass failed" in note for note in tracked.notes) == checked
     torch.testing.assert_close(product, vectors @ hessian, rtol=1e-10, atol=1e-12)
 
 

@@ -13,15 +13,19 @@ from tasks import ce_loss
 
 
 class Untraceable(torch.nn.Module):
-    """An MLP whose forward reads a Python number and assigns through a boolean mask (vmap refuses both)."""
+    """An MLP whose forward reads a Python number and assigns through a boolean mask (vmap refuses both);
+    with ``conv`` its first layer is a Conv1d over the features."""
 
-    def __init__(self, hidden: int = 6) -> None:
+    def __init__(self, hidden: int = 6, conv: bool = False) -> None:
         super().__init__()
-        self.hidden = torch.nn.Linear(5, hidden)
-        self.out = torch.nn.Linear(hidden, 3)
+        self.hidden = torch.nn.Conv1d(1, 2, kernel_size=3) if conv else torch.nn.Linear(5, hidden)
+        self.out = torch.nn.Linear(6 if conv else hidden, 3)
+
+    def features(self, x):
+        return self.hidden(x.unsqueeze(1)).flatten(1) if isinstance(self.hidden, torch.nn.Conv1d) else self.hidden(x)
 
     def forward(self, x):
-        h = torch.tanh(self.hidden(x))
+        h = torch.tanh(self.features(x))
         h = h.clone()
         h[h.abs() < 0.05] = 0.0
         if float(x.abs().max().item()) > 1e6:  # never true: only here to call .item()
@@ -33,16 +37,16 @@ class Twin(Untraceable):
     """The same function written so that vmap can trace it."""
 
     def forward(self, x):
-        h = torch.tanh(self.hidden(x))
+        h = torch.tanh(self.features(x))
         return self.out(torch.where(h.abs() < 0.05, torch.zeros_like(h), h))
 
 
-def twin_tasks(n_train=40, n_test=10):
+def twin_tasks(n_train=40, n_test=10, conv=False):
     torch.manual_seed(0)
     x = torch.randn(n_train + n_test, 5, dtype=torch.float64)
     y = torch.randint(0, 3, (n_train + n_test,))
-    untraceable = Untraceable().double()
-    twin = Twin().double()
+    untraceable = Untraceable(conv=conv).double()
+    twin = Twin(conv=conv).double()
     twin.load_state_dict(untraceable.state_dict())
     train, test = TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
     return ist.Task(untraceable, ce_loss, train, test, l2=0.01), ist.Task(twin, ce_loss, train, test, l2=0.01)
@@ -52,16 +56,23 @@ def twin_tasks(n_train=40, n_test=10):
     ("exact", {"damping": 0.01}),
     ("lissa", {"batch_size": 16, "scale": 10.0, "depth_iters": 20}),
 ])
-def test_untraceable_model_scores_like_its_vmappable_twin(approximator, options):
-    untraceable, twin = twin_tasks()
+@pytest.mark.parametrize("conv", [False, True])
+def test_untraceable_model_scores_like_its_vmappable_twin(approximator, options, conv):
+    """Linear layers only: both take per-sample hooks first, vmap is never tried. With a Conv1d the twin takes
+    vmap and the untraceable model falls back to hooks (convolutions included)."""
+    untraceable, twin = twin_tasks(conv=conv)
     ours = ist.compute_scores(untraceable, approximator, options)
     expected = ist.compute_scores(twin, approximator, options)
     torch.testing.assert_close(ours.matrix(), expected.matrix(), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(ours.self_influence(), expected.self_influence(), rtol=1e-9, atol=1e-12)
-    assert expected.diagnostics["grad_path"]["path"] == "vmap"
     path = ours.diagnostics["grad_path"]
-    assert path["path"] == "hooks" and "vmap cannot trace" in path["why"], path
-    assert any("per-sample hooks" in note for note in ours.diagnostics["grad_notes"])
+    if conv:
+        assert expected.diagnostics["grad_path"]["path"] == "vmap"
+        assert path["path"] == "hooks" and "vmap cannot trace" in path["why"], path
+        assert any("per-sample hooks" in note for note in ours.diagnostics["grad_notes"])
+    else:
+        assert path == expected.diagnostics["grad_path"] and path["path"] == "hooks" and "faster" in path["why"]
+        assert ours.diagnostics["grad_notes"] == []
 
 
 class Layers(torch.nn.Module):
@@ -173,7 +184,7 @@ def test_model_mode_is_part_of_a_runs_identity(tmp_path):
     assert execute_run(store, task, resume=trained.run_id).run_id == trained.run_id
     run = store.run(trained.run_id)
     assert run["settings"]["model_mode"] == "train" and run["settings"]["requested"]["model_mode"] == "train"
-    assert run["diagnostics"]["grad_path"]["path"] == "vmap"
+    assert run["diagnostics"]["grad_path"]["path"] == "hooks"  # linear layers (dropout has no parameters)
     assert run["diagnostics"]["seconds_load"] >= 0 and run["diagnostics"]["seconds_compute"] > 0
     test_id = store.example_ids(trained.run_id, "test")[0]
     train_scores = dict(store.score_rows(trained.run_id, test_id))
