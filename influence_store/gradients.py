@@ -4,8 +4,9 @@ Parameters are handled as one flat vector of size ``p`` (in the order of the tra
 model itself is never mutated: a detached copy of the tracked parameters (and of every other parameter
 and buffer, moved to the compute device and dtype) is passed through ``torch.func.functional_call``.
 Per-example gradients use per-sample hooks on linear and embedding layers, else ``vmap(grad(...))``, over
-batches sized by a memory budget. HVPs are double backward vmapped over the vectors, over example batches,
-each graph built once and applied to blocks of vectors; on the CPU a piece stays near a cache's worth of
+batches sized by a memory budget (``grad_paths.py``). HVPs are reverse-over-reverse over the whole training
+set and double backward (vectors vmapped) over LiSSA's batches, each graph built once and applied to blocks of
+vectors; on the CPU a piece stays near a cache's worth of
 tensors, and an iterative solver's whole-set graphs are kept between calls. The dense Hessian is the same
 map applied to the identity. Sizes come from ``plan.py``'s cost model: what one example's autograd graph
 holds is measured once (saved-tensor hooks), not guessed from the parameter count.
@@ -20,7 +21,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, vmap
+from torch.func import functional_call, grad, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
@@ -34,6 +35,7 @@ from .train_mode import model_in_mode
 CPU_PIECE_BYTES = 32 * 2**20  # an HVP piece's (example, vector) tensors on the CPU: about a cache's worth
 CPU_PIECE_VECTORS = 8  # the example batches leave room for this many vectors per piece
 CPU_WIDEST_BYTES = 4 * 2**20  # with the set in several batches (a thread each): a piece's widest tensor
+HVP_STRATEGIES = ("reverse-over-reverse", "double-backward", "per-vector")  # in order of preference
 
 
 class _LossModule(torch.nn.Module):
@@ -85,9 +87,10 @@ class TrackedModel(PerExampleGradients):
         self.verbose = verbose
         self.grad_path: dict[str, str] = {}
         self.grad_strategy = self._first_path()  # "hooks?", "hooks", "vmap" or "loop"
-        self.hvp_strategy = "vmapped"  # the vectors of a block vmapped over double backward; else "per-vector"
+        self.hvp_strategy = ""  # the strategy of the last graph built (HVP_STRATEGIES)
+        self.hvp_failed: set[str] = set()  # strategies that failed on this model: not tried again
         self._whole_set_seen = False  # a whole-set product was made: the next one means an iterative solver
-        self._strategy_settled = False  # a product has worked: the HVP strategy is settled for the model
+        self._settled: set[bool] = set()  # whole-set (True) and batch (False) products that have worked
         self._kept_graphs: tuple[int, dict] | None = None  # (examples per batch, products by batch start)
         self.notes: list[str] = []
 
@@ -234,16 +237,17 @@ class TrackedModel(PerExampleGradients):
         with self.eval_mode():  # examples outside, vectors inside: one graph per example batch
             if fit and threads_pay(starts, self.device):
                 graphs = {} if kept is None else kept  # this call's only, or kept for the solver's next calls
-                if not self._strategy_settled:  # one vector through the first graph settles the strategy
+                if True not in self._settled:  # one vector through the first graph settles the strategy
                     self._hvp_sum(vectors[:1], lambda: self.batch("train", indices[:examples]), 1,
-                                  torch.zeros_like(vectors[:1]), graphs, 0)
+                                  torch.zeros_like(vectors[:1]), graphs, 0, whole=True)
                 for start in starts:
-                    self._kept_products(graphs, start, lambda: self.batch("train", indices[start:start + examples]))
+                    self._kept_products(graphs, start, lambda: self.batch("train", indices[start:start + examples]),
+                                        whole=True)
                 kept_sums_in_threads(graphs, starts, vectors, rows, into=total)
             else:
                 for start in starts:
                     part = indices[start:start + examples]
-                    self._hvp_sum(vectors, lambda: self.batch("train", part), rows, total, kept, start)
+                    self._hvp_sum(vectors, lambda: self.batch("train", part), rows, total, kept, start, whole)
         return total.div_(len(indices)).add_(vectors, alpha=self.l2)
 
     def hvp_chunks(self, num_vectors: int, num_examples: int) -> tuple[int, int]:
@@ -280,43 +284,57 @@ class TrackedModel(PerExampleGradients):
         return graph_bytes <= WORK_SHARE / 2 * self.memory_budget
 
     def _hvp_sum(self, vectors: Tensor, make_batch, rows: int, into: Tensor, kept: dict | None = None,
-                 key: int = 0) -> Tensor:
+                 key: int = 0, whole: bool = False) -> Tensor:
         """Sum over the batch's examples of ``H_i v`` for every row of ``vectors``, ``rows`` vectors at a
         time through one graph (``_products``). The sums are added to ``into``; ``kept`` holds the graphs kept
         by batch start (``key`` is this batch's), a fresh dict when they are not kept."""
         kept = {} if kept is None else kept
-        try:
-            by_rows(self._kept_products(kept, key, make_batch), vectors, rows, into)
-        except InfluenceStoreError:
-            raise
-        except Exception as exc:  # a backward op without a batching rule: one vector at a time
-            if self.hvp_strategy != "vmapped":
+        while True:
+            try:
+                by_rows(self._kept_products(kept, key, make_batch, whole), vectors, rows, into)
+                break
+            except InfluenceStoreError:
                 raise
-            self.hvp_strategy = "per-vector"
-            self.notes.append(f"HVPs one vector at a time: vmap over the second backward pass failed "
-                              f"({_first_line(exc)})")
-            by_rows(self._kept_products(kept, key, make_batch), vectors, rows, into)
-        self._strategy_settled = True
+            except Exception as exc:  # torch.func cannot transform the model, or an op lacks a batching rule
+                failed = self.hvp_strategy
+                if failed == HVP_STRATEGIES[-1]:
+                    raise
+                kept.clear()
+                self.hvp_failed.add(failed)
+                self.notes.append(f"HVPs by {self._strategy(whole)}: {failed} failed ({_first_line(exc)})")
+        self._settled.add(whole)
         return into
 
-    def _kept_products(self, kept: dict, key: int, make_batch):
+    def _kept_products(self, kept: dict, key: int, make_batch, whole: bool = False):
         if key not in kept:
-            kept[key] = self._products(make_batch())
+            kept[key] = self._products(make_batch(), self._strategy(whole))
         return kept[key]
 
-    def _products(self, batch: Any):
-        """``v -> sum_i H_i v`` over the batch for a block of vectors: double backward through one retained
-        ``create_graph`` gradient, built here once (attention by its plain math kernel: the fused ones have no
-        second derivative), with the block's vectors vmapped by torch.func over the second backward pass.
+    def _strategy(self, whole: bool) -> str:
+        """Whole-set products (CG, exact, power iteration: many vectors through each graph, often kept for a
+        solver's next calls) start at reverse-over-reverse, whose graph costs more to build and less to apply
+        (1.1-1.2x faster there); a LiSSA batch's graph, built for one call, starts at double backward (1.0-1.3x
+        faster there, and no ``grad`` transform). A strategy that failed on the model is skipped. The choice
+        depends only on the model and the call, never on timings, so a run repeats bit for bit."""
+        start = 0 if whole else 1
+        return next(s for s in HVP_STRATEGIES[start:] if s not in self.hvp_failed)
 
-        Only the backward pass is vmapped, so this serves models torch.func cannot trace as well. It is as
-        fast as reverse-over-reverse (``vjp`` of ``grad``, 0.69-1.09x its time) and up to 28x faster than
-        autograd's own ``is_grads_batched`` (``bench_hvp.py``); the choice depends only on the model, so a run
-        repeats bit for bit (docs/engine.md, "Curvature")."""
-        flat = self.flat.detach().requires_grad_(True)
+    def _products(self, batch: Any, strategy: str):
+        """``v -> sum_i H_i v`` over the batch for a block of vectors, its graph built here once (attention by
+        its plain math kernel: the fused ones have no second derivative), by ``strategy``:
+
+        - ``reverse-over-reverse``: the pullback of ``grad`` (``vjp``), vmapped over the vectors;
+        - ``double-backward``: a retained ``create_graph`` gradient, the vectors vmapped by torch.func over
+          the second backward pass only (so it serves models torch.func cannot trace);
+        - ``per-vector``: the same, one vector at a time (an op of the second pass has no batching rule).
+        """
+        self.hvp_strategy = strategy
         with sdpa_kernel(SDPBackend.MATH):
-            loss = self._losses(flat, batch).sum()
-            (g,) = torch.autograd.grad(loss, flat, create_graph=True, allow_unused=True)
+            if strategy == "reverse-over-reverse":
+                _, pullback = vjp(grad(lambda flat: self._losses(flat, batch).sum()), self.flat.detach())
+                return vmap(lambda cotangent: pullback(cotangent)[0])
+            flat = self.flat.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self._losses(flat, batch).sum(), flat, create_graph=True, allow_unused=True)
         if g is None or not g.requires_grad:  # loss linear in the tracked parameters: H = 0
             return torch.zeros_like
 
@@ -324,12 +342,9 @@ class TrackedModel(PerExampleGradients):
             (hv,) = torch.autograd.grad(g, flat, grad_outputs=v, retain_graph=True, allow_unused=True)
             return torch.zeros_like(v) if hv is None else hv
 
-        def products(block: Tensor) -> Tensor:
-            if self.hvp_strategy == "vmapped":
-                return vmap(product)(block)
-            return torch.stack([product(v) for v in block])
-
-        return products
+        if strategy == "double-backward":
+            return vmap(product)
+        return lambda block: torch.stack([product(v) for v in block])
 
     def dense_hessian(self) -> Tensor:
         """The full training Hessian (with ``l2 I``) as a [p, p] float64 matrix.

@@ -62,11 +62,12 @@ def test_hvp_equals_autograd_hessian_times_v():
     vectors = torch.randn(3, p, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     subset = [0, 3, 4, 7, 11]
 
-    for indices in (None, subset):
+    for indices, strategy in ((None, "reverse-over-reverse"), (subset, "double-backward")):
         idx = list(range(len(task.train))) if indices is None else subset
         hessian = torch.autograd.functional.hessian(lambda t: flat_loss(task, t, idx), theta)
         expected = vectors @ (hessian + task.l2 * torch.eye(p, dtype=torch.float64)).T
         torch.testing.assert_close(tracked.hvp(vectors, indices), expected, rtol=1e-10, atol=1e-12)
+        assert tracked.hvp_strategy == strategy  # the whole set (a solver) / a batch (LiSSA's step)
 
     hessian = torch.autograd.functional.hessian(lambda t: flat_loss(task, t, list(range(12))), theta)
     torch.testing.assert_close(tracked.dense_hessian(), hessian + task.l2 * torch.eye(p, dtype=torch.float64),
@@ -101,7 +102,7 @@ def counting(loss):
     return counted
 
 
-@pytest.mark.parametrize("strategy", ["vmapped", "per-vector"])
+@pytest.mark.parametrize("strategy", ["reverse-over-reverse", "double-backward", "per-vector"])
 def test_repeated_whole_set_products_reuse_the_graphs_and_stay_exact(strategy, monkeypatch):
     """From the second whole-set product on (an iterative solver), no forward pass runs again, for either
     HVP strategy, and every product still equals the autograd Hessian's, whatever the piece sizes."""
@@ -110,7 +111,7 @@ def test_repeated_whole_set_products_reuse_the_graphs_and_stay_exact(strategy, m
     counted = counting(ce_loss)
     task = mlp_task(n_train=40, loss=counted)
     tracked = TrackedModel(task, [n for n, _ in task.model.named_parameters()])
-    tracked.hvp_strategy = strategy
+    tracked.hvp_failed = set(gradients.HVP_STRATEGIES[:gradients.HVP_STRATEGIES.index(strategy)])
     # pieces of 20 (example, vector) pairs, 2 vectors each: 4 example batches, 3 vector pieces
     monkeypatch.setattr(gradients, "CPU_PIECE_BYTES", 20 * tracked.activation_floats() * 8)
     monkeypatch.setattr(gradients, "CPU_PIECE_VECTORS", 2)
@@ -127,7 +128,7 @@ def test_repeated_whole_set_products_reuse_the_graphs_and_stay_exact(strategy, m
     assert tracked.hvp_strategy == strategy
     assert seen[2] == seen[1] == seen[3] > seen[0] > 0
     fresh = TrackedModel(task, tracked.names)  # no history: the same block gives the same bits
-    fresh.hvp_strategy = strategy
+    fresh.hvp_failed = set(tracked.hvp_failed)
     assert torch.equal(fresh.hvp(vectors), tracked.hvp(vectors))
 
 
@@ -384,11 +385,12 @@ class _OldStyleTanh(torch.autograd.Function):
         return _CheckedMul.apply(grad_output, slope) if _OldStyleTanh.checked else grad_output * slope
 
 
-@pytest.mark.parametrize("checked, strategy", [(False, "vmapped"), (True, "per-vector")])
+@pytest.mark.parametrize("checked, strategy", [(False, "double-backward"), (True, "per-vector")])
 def test_first_threaded_product_settles_the_hvp_strategy(monkeypatch, checked, strategy):
     """The first whole-set product settles the HVP strategy on one vector before its batches go to threads.
-    A model torch.func cannot transform still gets its vectors vmapped over the second backward pass (only
-    that pass is vmapped); where that pass itself fails, one vector at a time. Both give the autograd Hessian."""
+    A model torch.func cannot transform gets double backward with its vectors vmapped over the second backward
+    pass (only that pass is vmapped); where that pass itself fails, one vector at a time. Both give the autograd
+    Hessian."""
     import influence_store.gradients as gradients
 
     monkeypatch.setattr(_OldStyleTanh, "checked", checked)
@@ -406,8 +408,8 @@ def test_first_threaded_product_settles_the_hvp_strategy(monkeypatch, checked, s
         product = tracked.hvp(vectors)
     finally:
         torch.set_num_threads(threads)
-    assert tracked.hvp_strategy == strategy
-    assert any("vmap over the second backward pass failed" in note for note in tracked.notes) == checked
+    assert tracked.hvp_strategy == strategy and "reverse-over-reverse failed" in tracked.notes[0]
+    assert any("double-backward failed" in note for note in tracked.notes) == checked
     torch.testing.assert_close(product, vectors @ hessian, rtol=1e-10, atol=1e-12)
 
 
