@@ -3,16 +3,17 @@
     .venv/bin/python benchmarks/bench_hvp.py                                  # OpenMP's default waiting
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_hvp.py          # what bench_peers.py sets
 
-HVPs (first table), one call each: double backward with the vectors vmapped by torch.func over the second
-backward pass (what influence-store ships), reverse-over-reverse (``vjp`` of ``grad``, vmapped over the
-vectors: what it shipped before), forward-over-reverse (before that) and autograd's ``is_grads_batched``
-(its old fallback for models torch.func cannot trace). Per-example gradients (second table), one chunk:
-per-sample hooks (``per_sample.py``) against ``vmap(grad)``; ``TrackedModel`` takes hooks first where every
-tracked parameter is in a linear or embedding layer.
+HVPs (first table), one call each, graph built and applied: double backward with the vectors vmapped by
+torch.func over the second backward pass (what influence-store ships for a LiSSA batch), reverse-over-reverse
+(``vjp`` of ``grad``, vmapped over the vectors: what it ships for the whole training set), forward-over-reverse
+(what it shipped before) and autograd's ``is_grads_batched`` (its old fallback for models torch.func cannot
+trace); the last column is the shipped strategy's time over the best other's. Per-example gradients (second
+table), one chunk: per-sample hooks (``per_sample.py``) against ``vmap(grad)``; ``TrackedModel`` takes hooks
+first where every tracked parameter is in a linear or embedding layer.
 
 Models: the digits tanh MLP of bench_peers.py (p=2,410) and its 112k-parameter variant, a small CNN and an
 embedding model on random data; each on an 8-example batch (a LiSSA step) and on its whole training set
-(CG, exact, power iteration). Best of 3 after a warm-up, 2 threads; the results agree to float32 rounding
+(CG, exact, power iteration). Best of 10 (HVPs) or 3 after a warm-up, 2 threads; the results agree to float32 rounding
 (relative difference of the norms under 1e-4).
 
 A third table times ``TrackedModel.hvp`` over the whole training set as an iterative solver calls it (CG
@@ -105,9 +106,9 @@ CASES = [("digits MLP", lambda: digits(32)), ("112k MLP", lambda: digits(1336)),
 
 def main() -> None:
     torch.set_num_threads(2)
-    print("HVPs: time of each strategy / time of the shipped one (vmapped double backward)")
-    print("model        batch    p        vectors  shipped     reverse-over-reverse  forward-over-reverse"
-          "  is_grads_batched")
+    print("HVPs, seconds per call (shipped: double backward for a LiSSA batch, reverse-over-reverse for the whole set)")
+    print("model        batch    p        vectors  double backward  reverse-over-reverse  forward-over-reverse"
+          "  is_grads_batched  shipped vs the best other")
     for name, build in CASES:
         model, x, y = build()
         task = ist.Task(model, bench_peers.ce, TensorDataset(x, y), TensorDataset(x[:1], y[:1]))
@@ -115,14 +116,19 @@ def main() -> None:
         for size in (8, len(x)):
             vectors = torch.randn(50 if size == 8 else 10, tracked.num_params)
             batch = tracked.batch("train", list(range(size)))
-            shipped = tracked._products(batch)(vectors).detach()
-            others = (reverse_over_reverse, forward_over_reverse, grads_batched)
-            for other in others:
-                assert float((other(tracked, vectors, batch) - shipped).norm()) <= 1e-4 * float(shipped.norm()), name
-            ours = best(lambda: tracked._products(batch)(vectors).detach())
-            ratios = [best(lambda: other(tracked, vectors, batch)) / ours for other in others]
-            print(f"{name:12s} {size:5d} {tracked.num_params:8,d} {len(vectors):7d}  {ours:8.4f} s"
-                  + "".join(f"  {r:19.2f}x" for r in ratios))
+            ways = {"double backward": lambda: tracked._products(batch, "double-backward")(vectors).detach(),
+                    "reverse-over-reverse": lambda: tracked._products(batch, "reverse-over-reverse")(vectors).detach(),
+                    "forward-over-reverse": lambda: forward_over_reverse(tracked, vectors, batch),
+                    "is_grads_batched": lambda: grads_batched(tracked, vectors, batch)}
+            reference = ways["double backward"]()
+            for way in ways.values():
+                assert float((way() - reference).norm()) <= 1e-4 * float(reference.norm()), name  # float32 rounding
+            times = {label: best(way, rounds=10) for label, way in ways.items()}
+            shipped = "reverse-over-reverse" if size == len(x) else "double backward"
+            others = min(t for label, t in times.items() if label != shipped)
+            print(f"{name:12s} {size:5d} {tracked.num_params:8,d} {len(vectors):7d}"
+                  + "".join(f"  {t:{len(label)}.4f}" for label, t in times.items())
+                  + f"  {times[shipped] / others:5.2f}x")
 
 
 def per_example_gradients() -> None:
