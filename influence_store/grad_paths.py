@@ -3,9 +3,9 @@
 Paths, fastest first (``bench_hvp.py``, second table):
 
 - **per-sample hooks** (``per_sample.py``: one batched forward and backward) where every tracked parameter is
-  in a linear or embedding layer: 0.63-1.0x the time of ``vmap(grad)``;
-- **vmap(grad)** for everything torch.func traces (convolutions: their hooks' unfolded patches cost up to
-  5.5x vmap's time);
+  in a linear or embedding layer: 0.63-1.02x the time of ``vmap(grad)``;
+- **vmap(grad)** for everything torch.func traces (convolutions: their hooks' unfolded patches cost 1.15-4.6x
+  vmap's time);
 - **per-sample hooks**, convolutions included, for models vmap cannot trace (``.item()``, boolean masks,
   data-dependent branches);
 - **one backward per example**, the last resort.
@@ -58,7 +58,7 @@ class PerExampleGradients:
 
     def _first_path(self) -> str:
         """Per-sample hooks where they beat ``vmap(grad)``: every tracked parameter in a linear or embedding
-        layer (0.63-1.0x vmap's time; convolutions' unfolded patches made hooks up to 5.5x slower)."""
+        layer (0.63-1.02x vmap's time; convolutions' unfolded patches made hooks up to 4.6x slower)."""
         from .per_sample import FASTER_THAN_VMAP, Unsupported, plan
 
         self._hooks_are_fallback, self._hooks_refused = False, ""
