@@ -144,8 +144,8 @@ class PerExampleGradients:
                 expected = self._single_grad(self.batch(split, [i]))
             error = float((grads[row] - expected).norm()) / max(float(expected.norm()), 1e-30)
             if error > 1e-4:
-                self._leave_hooks(f"per-sample hooks disagreed with autograd (relative error {error:.1e}: "
-                                  f"examples interact within a batch)")
+                self._leave_hooks(f"per-sample hooks disagreed with autograd (relative error {error:.1e}: examples "
+                                  f"interact within a batch, or a layer is shared or sees the batch elsewhere)")
                 return
         if self._hooks_are_fallback:
             self._set_path("hooks", self.grad_path["why"])

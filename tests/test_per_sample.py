@@ -190,3 +190,28 @@ def test_model_mode_is_part_of_a_runs_identity(tmp_path):
     train_scores = dict(store.score_rows(trained.run_id, test_id))
     eval_scores = dict(store.score_rows(evaluated.run_id, test_id))
     assert any(abs(train_scores[k] - eval_scores[k]) > 1e-6 for k in train_scores)  # dropout was on
+
+
+class Tied(torch.nn.Module):
+    """The output layer reuses the embedding's weight: a hook sees only one of its two uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.mid = torch.nn.Linear(4, 4)
+        self.out = torch.nn.Linear(4, 10, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.mid(self.embed(tokens).mean(1))))
+
+
+def test_a_shared_weight_sends_the_model_from_hooks_to_vmap():
+    torch.manual_seed(4)
+    tokens, y = torch.randint(0, 10, (8, 5)), torch.randint(0, 10, (8,))
+    task = ist.Task(Tied().double(), ce_loss, TensorDataset(tokens, y), TensorDataset(tokens, y))
+    tracked = TrackedModel(task, [n for n, _ in task.model.named_parameters()])
+    grads = tracked.per_example_grads("train", range(8))
+    assert tracked.grad_strategy == "vmap" and "disagreed with autograd" in tracked.grad_path["why"]
+    loop = torch.stack([tracked._single_grad(tracked.batch("train", [i])) for i in range(8)])
+    torch.testing.assert_close(grads, loop, rtol=1e-10, atol=1e-12)
