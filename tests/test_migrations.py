@@ -111,6 +111,22 @@ def test_history_is_linear_with_exactly_one_head():
         assert not rev.branch_labels
 
 
+def test_the_store_knows_alembics_head_and_opens_a_store_at_it_without_alembic(tmp_path):
+    """SCHEMA_HEAD must move with every new revision; a store already at it is opened without Alembic."""
+    import subprocess
+    import sys
+
+    from influence_store.store_connection import SCHEMA_HEAD
+
+    assert SCHEMA_HEAD == HEAD, "a new migration: set store_connection.SCHEMA_HEAD to its revision"
+    Store(str(tmp_path / "at-head.db"))
+    probe = ("import sys; from influence_store.store import Store; store = Store(sys.argv[1]); "
+             "print(store.revision(), 'alembic' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "at-head.db")], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == [HEAD, "False"]
+
+
 def test_blank_database_upgrades_to_head(tmp_path):
     store = Store(str(tmp_path / "blank.db"))
     assert store.revision() == HEAD
