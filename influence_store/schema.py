@@ -1,4 +1,6 @@
-"""The store's tables (SQLAlchemy 2 typed ORM). Alembic revisions in ``migrations/`` must match this file.
+"""The store's tables (SQLAlchemy 2 typed ORM). Alembic revisions in ``migrations/`` must match this file:
+a new store is created from it, an older one migrated, and the two must be the same schema (columns that a
+revision added come last, in its order; tests/test_migrations.py compares them).
 
 One example keeps one identity across runs and model versions: a row of ``examples`` is
 (dataset, key, content hash). Scores reference examples by id, never by position.
@@ -240,9 +242,9 @@ class Proposal(Base):
     reviewer: Mapped[str | None] = mapped_column(String(200))
     note: Mapped[str | None] = mapped_column(Text)
     applied_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
-    new_label_json: Mapped[str | None] = mapped_column(Text)  # set: accepted as a relabel, not a removal
     created_utc: Mapped[str] = mapped_column(String(40), default=utcnow)
     updated_utc: Mapped[str] = mapped_column(String(40), default=utcnow)
+    new_label_json: Mapped[str | None] = mapped_column(Text)  # set: accepted as a relabel, not a removal
 
 
 class ProposalEvent(Base):
@@ -254,10 +256,10 @@ class ProposalEvent(Base):
     proposal_id: Mapped[int] = mapped_column(ForeignKey("proposals.id"), index=True)
     from_status: Mapped[str | None] = mapped_column(String(20))
     to_status: Mapped[str] = mapped_column(String(20))
-    new_label_json: Mapped[str | None] = mapped_column(Text)  # the label a relabel decision gave
     actor: Mapped[str] = mapped_column(String(200))
     note: Mapped[str | None] = mapped_column(Text)
     created_utc: Mapped[str] = mapped_column(String(40), default=utcnow)
+    new_label_json: Mapped[str | None] = mapped_column(Text)  # the label a relabel decision gave
 
 
 class Verification(Base):
@@ -269,7 +271,6 @@ class Verification(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
     proposal_ids_json: Mapped[str] = mapped_column(Text)
     n_removed: Mapped[int] = mapped_column(Integer)
-    n_relabelled: Mapped[int] = mapped_column(Integer, server_default="0")
     predicted_loss_change: Mapped[float] = mapped_column(Float)
     actual_loss_change: Mapped[float] = mapped_column(Float)
     loss_before: Mapped[float] = mapped_column(Float)
@@ -279,3 +280,4 @@ class Verification(Base):
     seconds: Mapped[float] = mapped_column(Float)
     actor: Mapped[str] = mapped_column(String(200))
     created_utc: Mapped[str] = mapped_column(String(40), default=utcnow)
+    n_relabelled: Mapped[int] = mapped_column(Integer, server_default="0")

@@ -73,6 +73,21 @@ def head_revision() -> str:
     return _scripts().get_current_head()
 
 
+def _create_at_head(connection: Connection) -> None:
+    """A new store: the tables as ``schema.py`` declares them and Alembic's version table at the head, as
+    Alembic's cookbook builds a database from scratch. The same schema as migrating a blank database, 0.1 s
+    sooner (tests/test_migrations.py compares the two on SQLite and PostgreSQL)."""
+    from sqlalchemy import Column, MetaData, PrimaryKeyConstraint, String, Table
+
+    from .schema import Base
+
+    Base.metadata.create_all(connection)
+    version = Table("alembic_version", MetaData(), Column("version_num", String(32), nullable=False),
+                    PrimaryKeyConstraint("version_num", name="alembic_version_pkc"))  # as Alembic makes it
+    version.create(connection)
+    connection.execute(version.insert().values(version_num=SCHEMA_HEAD))
+
+
 class StoreConnection:
     """Opens one database and keeps the rules of talking to it (a base of ``Store``)."""
 
@@ -204,23 +219,19 @@ class StoreConnection:
             raise InfluenceStoreError(f"cannot downgrade store {self.location!r}: {_reason(exc)}") from None
 
     def upgrade(self) -> None:
-        """Upgrade the schema to head; refuse a database written by a newer influence-store."""
+        """Bring the schema to the newest revision: a new store is created at it, an older one migrated by
+        Alembic; a database written by a newer influence-store (or another tool) is refused."""
+        from sqlalchemy import inspect
+
         current = self.revision()
         if current == SCHEMA_HEAD:
             return
-        from alembic import command
-        from sqlalchemy import inspect
-
-        head = head_revision()
-        if current == head:
-            return
-        known = {rev.revision for rev in _scripts().walk_revisions()}
-        if current is not None and current not in known:
+        if current is not None and current not in {rev.revision for rev in _scripts().walk_revisions()}:
             with self.engine.connect() as connection:  # another tool's Alembic database is not a newer store
                 check_ours(current, self.location, set(inspect(connection).get_table_names()))
             raise InfluenceStoreError(
                 f"store {self.location!r} has schema revision {current!r}, newer than this influence-store "
-                f"knows (head {head!r}); upgrade influence-store (pip install -U influence-store)")
+                f"knows (head {SCHEMA_HEAD!r}); upgrade influence-store (pip install -U influence-store)")
         if self.is_sqlite and self.path.exists() and not os.access(self.path, os.W_OK):
             raise InfluenceStoreError(f"store {self.location!r} needs a schema upgrade but is read-only")
         try:
@@ -234,7 +245,12 @@ class StoreConnection:
                         "{location!r} holds other tables ({tables}) and is not an influence-store database; "
                         "give a new path {with_db}", location=self.location, tables=", ".join(sorted(tables)[:3]),
                         with_db=AS_STORE_LOCATION)
-                command.upgrade(_alembic_config(connection), "head")
+                if not tables:
+                    _create_at_head(connection)
+                else:
+                    from alembic import command
+
+                    command.upgrade(_alembic_config(connection), "head")
         except OperationalError as exc:
             raise InfluenceStoreError(f"cannot upgrade store {self.location!r}: {_reason(exc)}") from None
         if self.is_sqlite:  # set once, when the store is created or upgraded; it persists in the file

@@ -140,10 +140,47 @@ def test_blank_database_upgrades_to_head(tmp_path):
 
 def test_models_match_migrations(tmp_path):
     """Autogenerate finds nothing to do: schema.py and the revisions describe the same tables."""
-    store = Store(str(tmp_path / "head.db"))
-    with store.engine.connect() as connection:
+    upgrade(tmp_path / "head.db", "head")  # by the migrations (a new Store is built from schema.py)
+    engine = create_engine(f"sqlite:///{tmp_path / 'head.db'}")
+    with engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True, "render_as_batch": True})
         assert compare_metadata(context, Base.metadata) == []
+    engine.dispose()
+
+
+def schema_of(url: str) -> dict:
+    """Every table's columns (in order, with types, nullability, defaults), keys, indexes and checks."""
+    from sqlalchemy import inspect
+
+    engine = create_engine(url)
+    found = inspect(engine)
+    described = {}
+    for table in sorted(found.get_table_names()):
+        described[table] = (
+            [(c["name"], str(c["type"]), c["nullable"], str(c.get("default"))) for c in found.get_columns(table)],
+            found.get_pk_constraint(table),
+            sorted(map(repr, found.get_foreign_keys(table))),
+            sorted(map(repr, found.get_indexes(table))),
+            sorted(map(repr, found.get_unique_constraints(table))),
+            sorted(map(repr, found.get_check_constraints(table))),
+        )
+    engine.dispose()
+    return described
+
+
+def test_a_new_store_has_the_schema_the_migrations_build(tmp_path):
+    """A new store is created from schema.py and stamped at the head; migrating a blank database gives the
+    same tables, column order, keys, indexes and checks. Then both migrate down and up again."""
+    Store(str(tmp_path / "new.db"))
+    upgrade(tmp_path / "migrated.db", "head")
+    new, migrated = f"sqlite:///{tmp_path / 'new.db'}", f"sqlite:///{tmp_path / 'migrated.db'}"
+    assert schema_of(new) == schema_of(migrated)
+    with sqlite3.connect(tmp_path / "new.db") as connection:
+        assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [(HEAD,)]
+    store = Store(str(tmp_path / "new.db"))
+    store.downgrade(OLDEST_FIRST[0])
+    store.upgrade()
+    assert store.revision() == HEAD and schema_of(new) == schema_of(migrated)
 
 
 @pytest.mark.parametrize("revision", [r for r in OLDEST_FIRST if r != HEAD])

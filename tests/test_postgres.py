@@ -148,3 +148,16 @@ def test_two_stores_opening_a_new_database_at_once_migrate_it_once(postgres_url)
     with ThreadPoolExecutor(4) as pool:
         revisions = list(pool.map(lambda _: Store(postgres_url).revision(), range(4)))
     assert revisions == [head_revision()] * 4
+
+
+def test_a_new_store_has_the_schema_the_migrations_build_on_postgresql(postgres_url):
+    """Created from schema.py at the head, then down to base and up again by Alembic's migrations: the same
+    tables, column order, keys, indexes and checks."""
+    from test_migrations import schema_of
+
+    store = Store(postgres_url)
+    created = schema_of(postgres_url)
+    store.downgrade("base")
+    store.upgrade()  # a blank schema with Alembic's version table: migrated revision by revision
+    assert store.revision() == head_revision() and schema_of(postgres_url) == created
+    store.engine.dispose()
