@@ -40,16 +40,20 @@ class ModelLoss:
             if self.batched_works is None:
                 self.batched_works = _batched_agrees(model, batch, size)
             losses = batched_losses(model, batch, size) if self.batched_works else None
+            self.path = "batched"
             if losses is None and self.vmap_works:
                 try:
                     losses = vmap(lambda one: model_loss(model, tree_map(lambda t: t.unsqueeze(0), one)),
                                   randomness="different")(batch)
+                    self.path = "vmap"
                 except InfluenceStoreError:
                     raise
                 except Exception:  # noqa: BLE001 - any tracing failure: one forward per instance
                     self.vmap_works = False
-            self.path = ("batched" if self.batched_works else "vmap") if losses is not None else "per-instance"
-            return losses if losses is not None else per_instance_losses(model, batch, size)
+            if losses is None:
+                self.path = "per-instance"
+                losses = per_instance_losses(model, batch, size)
+            return losses
 
 
 def per_instance_losses(model: Any, batch: dict, size: int) -> Any:
