@@ -41,20 +41,18 @@ class PerExampleGradients:
             return grouped_grads(self, indices)
         batch = self.batch(split, indices)
         with torch.enable_grad(), self.model_mode(mode, seed=indices[0] if indices else 0):
-            if self.grad_strategy.startswith("hooks") and not self._hooks_are_fallback:
-                grads = self._trusted_hook_grads(batch, split, indices, mode)
-                if grads is not None:
-                    return grads
-            if self.grad_strategy == "vmap":
-                try:
-                    return self._vmap_grads(batch)
-                except Exception as exc:  # vmap cannot trace every model (.item(), boolean masks, branches)
-                    self._choose_fallback(exc)
-            if self.grad_strategy.startswith("hooks"):
-                grads = self._trusted_hook_grads(batch, split, indices, mode)
-                if grads is not None:
-                    return grads
-            return torch.stack([self._single_grad(self.batch(split, [i])) for i in indices])
+            while True:  # every failure moves grad_strategy on: hooks -> vmap -> hooks (as the fallback) -> loop
+                if self.grad_strategy.startswith("hooks"):
+                    grads = self._trusted_hook_grads(batch, split, indices, mode)
+                    if grads is not None:
+                        return grads
+                elif self.grad_strategy == "vmap":
+                    try:
+                        return self._vmap_grads(batch)
+                    except Exception as exc:  # vmap cannot trace every model (.item(), boolean masks, branches)
+                        self._choose_fallback(exc)
+                else:
+                    return torch.stack([self._single_grad(self.batch(split, [i])) for i in indices])
 
     def _first_path(self) -> str:
         """Per-sample hooks where they beat ``vmap(grad)``: every tracked parameter in a linear or embedding

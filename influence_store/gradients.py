@@ -90,7 +90,7 @@ class TrackedModel(PerExampleGradients):
         self.hvp_strategy = ""  # the strategy of the last graph built (HVP_STRATEGIES)
         self.hvp_failed: set[str] = set()  # strategies that failed on this model: not tried again
         self._whole_set_seen = False  # a whole-set product was made: the next one means an iterative solver
-        self._settled: set[bool] = set()  # whole-set (True) and batch (False) products that have worked
+        self._whole_set_settled = False  # a whole-set product has worked: its strategy is settled for the model
         self._kept_graphs: tuple[int, dict] | None = None  # (examples per batch, products by batch start)
         self.notes: list[str] = []
 
@@ -237,7 +237,7 @@ class TrackedModel(PerExampleGradients):
         with self.eval_mode():  # examples outside, vectors inside: one graph per example batch
             if fit and threads_pay(starts, self.device):
                 graphs = {} if kept is None else kept  # this call's only, or kept for the solver's next calls
-                if True not in self._settled:  # one vector through the first graph settles the strategy
+                if not self._whole_set_settled:  # one vector through the first graph settles the strategy
                     self._hvp_sum(vectors[:1], lambda: self.batch("train", indices[:examples]), 1,
                                   torch.zeros_like(vectors[:1]), graphs, 0, whole=True)
                 for start in starts:
@@ -296,13 +296,13 @@ class TrackedModel(PerExampleGradients):
             except InfluenceStoreError:
                 raise
             except Exception as exc:  # torch.func cannot transform the model, or an op lacks a batching rule
-                failed = self.hvp_strategy
+                failed = self._strategy(whole)
                 if failed == HVP_STRATEGIES[-1]:
                     raise
                 kept.clear()
                 self.hvp_failed.add(failed)
                 self.notes.append(f"HVPs by {self._strategy(whole)}: {failed} failed ({_first_line(exc)})")
-        self._settled.add(whole)
+        self._whole_set_settled |= whole
         return into
 
     def _kept_products(self, kept: dict, key: int, make_batch, whole: bool = False):
